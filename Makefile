@@ -1,0 +1,61 @@
+# keybroker: `make run` starts the broker on the embedded default, `make test` runs every test
+# against real SoftHSM2. Both install what is missing first (Debian/Ubuntu).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+HOME_DIR ?= var
+PROTOS := $(wildcard protos/keybroker/v1/*.proto)
+APT_PACKAGES := softhsm2 python3-venv
+
+.PHONY: run test lint bench proto deps system-deps clean help
+
+help:
+	@echo "make run    start the broker with the embedded default (state in ./$(HOME_DIR))"
+	@echo "make test   run every test against real SoftHSM2"
+	@echo "make lint   buf lint, ruff, mypy, import-linter"
+	@echo "make bench  measure GenerateDataKey / Decrypt cost"
+
+system-deps:
+	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+	  echo "installing $(APT_PACKAGES) with apt-get"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e clients/python -e '.[dev]'
+	touch $(STAMP)
+
+deps: system-deps $(STAMP)
+
+node_modules/.bin/buf: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: deps
+	$(VENV)/bin/keybroker-server --home $(HOME_DIR)
+
+test: deps
+	$(PY) -m pytest -q
+
+proto: deps
+	$(PY) -m grpc_tools.protoc -I protos --python_out=clients/python --pyi_out=clients/python \
+	  --grpc_python_out=clients/python $(PROTOS)
+
+lint: deps node_modules/.bin/buf
+	node_modules/.bin/buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/check_stubs.py
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,96 @@
+"""`keybroker-server`: runs the broker."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from keybroker_server import logs
+from keybroker_server.app import build_app
+from keybroker_server.config import ConfigError, load_settings
+from keybroker_server.transport.server import create_server
+
+log = logging.getLogger("keybroker_server")
+
+
+def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -> str:
+    return "\n".join(
+        [
+            f"keybroker listening on {host}:{port} (mutual TLS)",
+            f"  home      {app_home}",
+            f"  HSM       {hsm} ({jurisdiction}), PIN in {app_home / 'hsm.pin'}",
+            f"  database  {app_home / 'keybroker.db'}",
+            f"  PKI       {app_home / 'pki'}: ca.pem, admin, auditor, producer, consumer",
+            "  try       .venv/bin/keybroker --home "
+            f"{app_home} --as admin keys create demo --grant producer:encrypt",
+        ]
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="KEYBROKER_HOME",
+    default=Path("var"),
+    show_default=True,
+    help="Directory holding all local state.",
+)
+@click.option("--listen", default=None, help="HOST:PORT to listen on [default: 127.0.0.1:50051].")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="TOML configuration file.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def main(home: Path, listen: str | None, config_file: Path | None, log_level: str) -> None:
+    """Run the keybroker key broker."""
+    logs.configure(log_level)
+    try:
+        settings = load_settings(home=home, listen=listen, config_file=config_file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        app = build_app(settings)
+    except Exception as exc:
+        log.error("start-up failed: %s", exc)
+        log.debug("start-up failure", exc_info=True)
+        sys.exit(2)
+    running = create_server(
+        app.services,
+        app.tls,
+        settings.listen,
+        settings.insecure_listen,
+        settings.max_workers,
+        settings.max_concurrent_rpcs,
+    )
+    host = settings.listen.rsplit(":", 1)[0]
+    addr_file = settings.home / "listen.addr"
+    addr_file.write_text(f"{host}:{running.port}\n")
+    hsm_cfg = next(h for h in settings.hsms if h.name == settings.default_hsm)
+    click.echo(_banner(settings.home, running.port, host, hsm_cfg.name, hsm_cfg.jurisdiction))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop(settings.grace_seconds)
+    app.close()
+    addr_file.unlink(missing_ok=True)
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

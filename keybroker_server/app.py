@@ -1,0 +1,128 @@
+"""Composition root: settings -> adapters -> services -> server. The only place that picks
+adapters; everything else receives its collaborators through constructors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keybroker_server.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
+from keybroker_server.adapters.sqlite_store import SqliteStore
+from keybroker_server.clock import SystemClock
+from keybroker_server.config import DEV_IDENTITIES, HsmConfig, Settings
+from keybroker_server.devpki import ensure_dev_pki
+from keybroker_server.domain import Role
+from keybroker_server.ports import AuditStore, Clock, Hsm, HsmInfo
+from keybroker_server.services.access import Access, RateLimiter
+from keybroker_server.services.audit import AuditLog, AuditReader
+from keybroker_server.services.crypto import CryptoService
+from keybroker_server.services.keys import KeyService
+from keybroker_server.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
+from keybroker_server.services.tokens import TokenService
+from keybroker_server.services.templates import check_templates
+from keybroker_server.transport.server import Services, TlsMaterial
+from hsm_sim import softhsm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    settings: Settings
+    services: Services
+    store: SqliteStore
+    hsms: dict[str, Hsm]
+    signing: SigningKeys
+    tls: TlsMaterial
+    libraries: dict[str, Pkcs11Library] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for hsm in self.hsms.values():
+            hsm.close()
+        self.store.close()
+
+
+def _pin(cfg: HsmConfig) -> str:
+    if cfg.pin_env:
+        pin = os.environ.get(cfg.pin_env, "")
+        if not pin:
+            raise RuntimeError(f"HSM {cfg.name!r}: environment variable {cfg.pin_env} is empty")
+        return pin
+    assert cfg.pin_file is not None
+    return softhsm.read_pin(cfg.pin_file)
+
+
+def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Library]]:
+    """Loads each PKCS#11 module once, initialises development SoftHSM2 tokens if asked,
+    and opens a session pool per configured token."""
+    libraries: dict[str, Pkcs11Library] = {}
+    hsms: dict[str, Hsm] = {}
+    if any(not c.module for c in settings.hsms):
+        # SoftHSM2 reads SOFTHSM2_CONF when the module is initialised: point it at HOME first.
+        softhsm.activate_softhsm_conf(settings.home)
+    for cfg in settings.hsms:
+        module = cfg.module or softhsm.find_softhsm_module()
+        if module not in libraries:
+            libraries[module] = Pkcs11Library.shared(module)
+        library = libraries[module]
+        if cfg.softhsm_init:
+            assert cfg.pin_file is not None
+            softhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
+        info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
+        hsms[cfg.name] = Pkcs11Hsm(library, cfg.token_label, _pin(cfg), info, cfg.pool_size)
+    return hsms, libraries
+
+
+def load_tls(settings: Settings) -> TlsMaterial:
+    if settings.dev_pki:
+        ensure_dev_pki(settings.pki_dir, DEV_IDENTITIES)
+        pki = settings.pki_dir
+        paths = (pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    else:
+        assert settings.tls_cert and settings.tls_key and settings.client_ca
+        paths = (settings.tls_cert, settings.tls_key, settings.client_ca)
+    cert, key, ca = (Path(p).read_bytes() for p in paths)
+    return TlsMaterial(server_cert=cert, server_key=key, client_ca=ca)
+
+
+def build_app(
+    settings: Settings,
+    clock: Clock | None = None,
+    audit_store: AuditStore | None = None,
+) -> App:
+    """Builds every part of the broker for `settings`.
+
+    Args:
+        settings: validated settings.
+        clock: the time source (tests inject one).
+        audit_store: replaces the audit table (tests inject a failing one).
+    """
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    clock = clock or SystemClock()
+    tls = load_tls(settings)
+    hsms, libraries = open_hsms(settings)
+    store = SqliteStore(settings.database or settings.home / "keybroker.db")
+    roles: dict[str, frozenset[Role]] = {}
+    for name in settings.admins:
+        roles[name] = roles.get(name, frozenset()) | {Role.ADMIN}
+    for name in settings.auditors:
+        roles[name] = roles.get(name, frozenset()) | {Role.AUDITOR}
+    access = Access(roles, hsms)
+    limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    audit = AuditLog(audit_store or store, clock)
+    signing = SigningKeys(store, hsms)
+    signing.ensure(TOKEN_PURPOSE, settings.default_hsm)
+    signing.ensure(AUDIT_PURPOSE, settings.default_hsm)
+    check_templates(store, hsms, signing)
+    tokens = TokenService(
+        store, store, access, audit, clock, signing, settings.issuer, settings.audience, limiter
+    )
+    services = Services(
+        keys=KeyService(store, access, audit, clock, settings.default_hsm, limiter),
+        crypto=CryptoService(store, access, audit, tokens, limiter),
+        tokens=tokens,
+        audit=AuditReader(audit, access),
+    )
+    return App(settings, services, store, hsms, signing, tls, libraries)

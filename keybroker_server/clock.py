@@ -1,0 +1,10 @@
+"""The real clock; services receive a clock through their constructors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)

@@ -1,0 +1,179 @@
+"""Contracts between the services and the adapters (PKCS#11, SQLite, PostgreSQL).
+
+Each port is a `typing.Protocol`; tests hold fakes of them in `tests/fakes/`. Adapters raise
+only the domain exceptions of `keybroker_server.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from keybroker_server.domain import AuditEvent, AuditFilter, Key
+
+
+@dataclass(frozen=True, slots=True)
+class HsmInfo:
+    """A configured HSM and where it stands.
+
+    Attributes:
+        name: the name keys refer to (`Key.hsm`).
+        jurisdiction: ISO 3166-1 alpha-2 code of the country whose law governs the HSM.
+        operator: who runs the HSM.
+    """
+
+    name: str
+    jurisdiction: str
+    operator: str
+
+
+class Hsm(Protocol):
+    """One HSM token reached through PKCS#11.
+
+    Objects are addressed by their `CKA_LABEL`. Every method may raise `HsmUnavailable`
+    when the device, the session or the token fails; the adapter then recovers on the next
+    call (fresh session, and if need be a re-initialised library).
+    """
+
+    info: HsmInfo
+
+    def generate_kek(self, label: str) -> None:
+        """Generates an AES-256 key-encryption key inside the token.
+
+        The key is a token object with CKA_PRIVATE, CKA_SENSITIVE true; CKA_EXTRACTABLE,
+        CKA_MODIFIABLE, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE false;
+        CKA_ENCRYPT, CKA_DECRYPT true; CKA_ALLOWED_MECHANISMS = [CKM_AES_GCM].
+
+        Raises:
+            AlreadyExists: an object with that label exists.
+        """
+
+    def encrypt(self, label: str, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM inside the HSM with a 128-bit tag; returns ciphertext || tag.
+
+        Raises:
+            HsmObjectMissing: no key with that label.
+        """
+
+    def decrypt(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Inverse of `encrypt`.
+
+        Raises:
+            DecryptionFailed: the tag did not verify (wrong AAD, IV, key or ciphertext).
+            HsmObjectMissing: no key with that label.
+        """
+
+    def generate_signing_key(self, label: str) -> bytes:
+        """Generates an ECDSA P-256 key pair inside the token; returns the public point.
+
+        The private key is a sensitive, non-extractable token object that signs only
+        (CKA_ALLOWED_MECHANISMS = [CKM_ECDSA]); the public key verifies only.
+        Returns the uncompressed SEC1 point (65 bytes).
+        """
+
+    def public_point(self, label: str) -> bytes:
+        """The uncompressed SEC1 point of the signing key `label` (65 bytes).
+
+        Raises:
+            HsmObjectMissing: no such key pair.
+        """
+
+    def sign(self, label: str, digest: bytes) -> bytes:
+        """Raw ECDSA (CKM_ECDSA) over a SHA-256 digest made on the host; returns r || s."""
+
+    def random(self, length: int) -> bytes:
+        """`length` bytes from the token's RNG (C_GenerateRandom)."""
+
+    def has_object(self, label: str) -> bool:
+        """True when a key object with that label is on the token."""
+
+    def destroy(self, label: str) -> None:
+        """Destroys every object with that label (no error when there is none)."""
+
+    def attributes(self, label: str) -> dict[str, object]:
+        """The security-relevant attributes of the key object(s) with that label.
+
+        Keys are PyKCS11 attribute names without the prefix difference ("CKA_SENSITIVE", ...);
+        booleans as bool, CKA_ALLOWED_MECHANISMS as a list of mechanism names.
+        """
+
+    def check(self) -> None:
+        """Cheap liveness probe; raises HsmUnavailable when the token is unreachable."""
+
+    def close(self) -> None:
+        """Closes every session of this token."""
+
+
+class KeyStore(Protocol):
+    """Key metadata. Updates are compare-and-set on `Key.revision`."""
+
+    def create_key(self, key: Key) -> None:
+        """Raises AlreadyExists when the key id is taken."""
+
+    def get_key(self, key_id: str) -> Key:
+        """Raises NotFound."""
+
+    def list_keys(self, after: str, limit: int) -> list[Key]:
+        """Keys with key_id > after, in key id order, at most `limit`."""
+
+    def update_key(self, key: Key, expected_revision: int) -> Key:
+        """Stores `key` with revision expected_revision + 1 if the stored revision is still
+        `expected_revision`; returns the stored key.
+
+        Raises:
+            ConcurrentModification: another writer got there first.
+            NotFound: the key is gone.
+        """
+
+
+class RevocationStore(Protocol):
+    """Issued token ids and their revocations, shared by every replica."""
+
+    def record_issued(self, token_id: str, subject: str, key_id: str, expires_at: datetime) -> None:
+        """Remembers who a token was issued to, so its subject may revoke it."""
+
+    def issued_subject(self, token_id: str) -> str | None:
+        """The subject a token id was issued to, or None for an unknown id."""
+
+    def revoke(self, token_id: str, subject: str, expires_at: datetime) -> None:
+        """Records a revocation; revoking twice is not an error."""
+
+    def is_revoked(self, token_id: str) -> bool: ...
+
+
+class AuditStore(Protocol):
+    """The append-only audit table."""
+
+    def append(self, build: Callable[[int, str], AuditEvent]) -> AuditEvent:
+        """Appends one event atomically and durably.
+
+        Inside one transaction that excludes every other appender (across processes and
+        machines), reads the last sequence number and hash, calls
+        `build(next_sequence, prev_hash)`, inserts what it returns and commits.
+        The genesis prev_hash is 64 '0' characters.
+
+        Raises:
+            AuditUnavailable: the event could not be made durable; nothing was written.
+        """
+
+    def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
+        """Events matching the filter, in sequence order."""
+
+    def all_events(self) -> Iterator[AuditEvent]:
+        """Every event in sequence order, for verification."""
+
+
+class SigningKeyStore(Protocol):
+    """Which HSM objects are the broker's signing keys."""
+
+    def signing_keys(self, purpose: str) -> list[tuple[str, str, str]]:
+        """(kid, hsm name, label) of the signing keys for `purpose`, newest first."""
+
+    def add_signing_key(self, purpose: str, kid: str, hsm: str, label: str) -> None: ...
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""

@@ -1,0 +1,135 @@
+"""Who may do what: roles, grants, jurisdictions and rate limits, in one place."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+from keybroker_server.domain import Caller, Grant, Key, KeyState, Operation, Role
+from keybroker_server.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from keybroker_server.ports import Hsm
+
+
+class Access:
+    """Role and grant checks.
+
+    Args:
+        roles: principal -> roles, from configuration.
+        hsms: the configured HSMs by name.
+    """
+
+    def __init__(self, roles: Mapping[str, frozenset[Role]], hsms: Mapping[str, Hsm]) -> None:
+        self._roles = dict(roles)
+        self._hsms = dict(hsms)
+
+    def has_role(self, principal: str, role: Role) -> bool:
+        return role in self._roles.get(principal, frozenset())
+
+    def require_admin(self, caller: Caller) -> None:
+        if not self.has_role(caller.principal, Role.ADMIN):
+            raise PermissionDenied(f"principal {caller.principal!r} does not have the admin role")
+
+    def require_reader(self, caller: Caller) -> None:
+        roles = self._roles.get(caller.principal, frozenset())
+        if not roles & {Role.ADMIN, Role.AUDITOR}:
+            raise PermissionDenied(
+                f"principal {caller.principal!r} needs the admin or auditor role"
+            )
+
+    @staticmethod
+    def matching_grants(
+        key: Key, principal: str, operation: Operation, context: Mapping[str, str]
+    ) -> list[Grant]:
+        """The principal's grants for `operation` on `key` whose context `context` satisfies.
+
+        Raises:
+            PermissionDenied: there is none.
+        """
+        grants = key.policy.grants_for(principal, operation)
+        if not grants:
+            raise PermissionDenied(
+                f"principal {principal!r} has no {operation.value} grant on key {key.key_id!r}"
+            )
+        fitting = [g for g in grants if g.context_allows(context)]
+        if not fitting:
+            raise PermissionDenied(
+                f"the context does not satisfy principal {principal!r}'s "
+                f"{operation.value} grant on key {key.key_id!r}"
+            )
+        return fitting
+
+    def hsm_for(self, key: Key) -> Hsm:
+        """The HSM holding `key`, after checking that the key's policy allows its jurisdiction.
+
+        Raises:
+            PermissionDenied: the HSM's jurisdiction is not allowed by the key's policy.
+            Unavailable: the HSM is not configured on this broker.
+        """
+        hsm = self._hsms.get(key.hsm)
+        if hsm is None:
+            raise Unavailable(f"HSM {key.hsm!r} holding key {key.key_id!r} is not configured here")
+        self.require_jurisdiction(key.policy.jurisdictions(), hsm, key.key_id)
+        return hsm
+
+    def hsm_named(self, name: str) -> Hsm:
+        hsm = self._hsms.get(name)
+        if hsm is None:
+            raise NotFound(f"no HSM named {name!r} is configured; known: {sorted(self._hsms)}")
+        return hsm
+
+    @staticmethod
+    def require_jurisdiction(allowed: frozenset[str], hsm: Hsm, key_id: str) -> None:
+        if hsm.info.jurisdiction not in allowed:
+            raise PermissionDenied(
+                f"key {key_id!r} may not be held or used in jurisdiction "
+                f"{hsm.info.jurisdiction!r} (HSM {hsm.info.name!r}); the key's policy allows "
+                f"{', '.join(sorted(allowed))}"
+            )
+
+    @staticmethod
+    def require_usable(key: Key) -> None:
+        """Raises FailedPrecondition unless the key is enabled."""
+        if key.state is not KeyState.ENABLED:
+            raise FailedPrecondition(
+                f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}; "
+                "an admin must enable it first"
+                if key.state is KeyState.DISABLED
+                else f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}"
+            )
+
+
+class RateLimiter:
+    """A token bucket per principal; `rate` 0 disables it.
+
+    Args:
+        rate: requests per second allowed on average.
+        burst: how many requests may come at once.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = max(burst, 1)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, principal: str) -> None:
+        if self._rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(principal, (float(self._burst), now))
+            tokens = min(float(self._burst), tokens + (now - last) * self._rate)
+            if tokens < 1.0:
+                self._buckets[principal] = (tokens, now)
+                raise ResourceExhausted(
+                    f"rate limit of {self._rate:g} requests per second reached for "
+                    f"{principal!r}; retry after a short back-off"
+                )
+            self._buckets[principal] = (tokens - 1.0, now)

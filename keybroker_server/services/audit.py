@@ -1,0 +1,149 @@
+"""The audit trail: one hash-chained event per call, durable before the response leaves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+from keybroker_server.domain import AuditEvent, AuditFilter, Caller, Outcome, audit_digest
+from keybroker_server.errors import InvalidArgument, KeybrokerError, Unavailable
+from keybroker_server.ports import AuditStore, Clock
+from keybroker_server.services.access import Access
+
+log = logging.getLogger(__name__)
+
+MAX_REASON = 512
+
+
+@dataclass(slots=True)
+class AuditDraft:
+    """What a service learns about a call while it runs; becomes the call's audit event."""
+
+    caller: Caller
+    operation: str
+    key_id: str = ""
+    key_version: int = 0
+    token_id: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    justification: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    events_checked: int
+    first_bad_sequence: int
+    error: str
+    head_hash: str
+
+
+class AuditLog:
+    """Writes and reads the audit trail.
+
+    Args:
+        store: the append-only event table.
+        clock: the time source for event times.
+    """
+
+    def __init__(self, store: AuditStore, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+
+    @contextmanager
+    def scope(self, caller: Caller, operation: str, **fields: object) -> Iterator[AuditDraft]:
+        """Audits the block as one call.
+
+        The block fills in the draft as it learns the key, version, token and context. On
+        success the event is ALLOWED, on a domain error DENIED (ERROR for an unavailable
+        dependency or an unexpected exception), with the error's message as the reason.
+        The event is durable when the block's caller continues; if it cannot be written,
+        `AuditUnavailable` replaces whatever the block produced, so nothing leaves unaudited.
+        """
+        draft = AuditDraft(caller=caller, operation=operation, **fields)  # type: ignore[arg-type]
+        try:
+            yield draft
+        except KeybrokerError as exc:
+            outcome = Outcome.ERROR if isinstance(exc, Unavailable) else Outcome.DENIED
+            self.record(draft, outcome, exc.message)
+            raise
+        except Exception:
+            self.record(draft, Outcome.ERROR, "internal error")
+            raise
+        self.record(draft, Outcome.ALLOWED, "")
+
+    def record(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
+        """Appends one event; raises AuditUnavailable when it cannot be made durable."""
+        now = self._clock.now()
+
+        def build(sequence: int, prev_hash: str) -> AuditEvent:
+            event = AuditEvent(
+                sequence=sequence,
+                time=now,
+                principal=draft.caller.principal,
+                operation=draft.operation,
+                key_id=draft.key_id,
+                key_version=draft.key_version,
+                token_id=draft.token_id,
+                context=dict(draft.context),
+                justification=draft.justification,
+                outcome=outcome,
+                reason=reason[:MAX_REASON],
+                request_id=draft.caller.request_id,
+                prev_hash=prev_hash,
+                hash="",
+            )
+            return replace(event, hash=audit_digest(event))
+
+        return self._store.append(build)
+
+    def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
+        return self._store.events(flt)
+
+    def verify(self) -> VerifyResult:
+        """Walks the whole chain: contiguous sequence numbers from 1, each prev_hash equal
+        to the previous event's hash, each hash recomputed. Stops at the first bad record.
+        """
+        expected_seq = 1
+        prev = "0" * 64
+        checked = 0
+        for event in self._store.all_events():
+            problem = ""
+            if event.sequence != expected_seq:
+                problem = f"sequence {event.sequence} where {expected_seq} was expected"
+            elif event.prev_hash != prev:
+                problem = "prev_hash does not match the previous event's hash"
+            elif audit_digest(event) != event.hash:
+                problem = "hash does not match the event's content"
+            if problem:
+                return VerifyResult(False, checked, expected_seq, problem, prev)
+            prev = event.hash
+            expected_seq += 1
+            checked += 1
+        return VerifyResult(True, checked, 0, "", prev)
+
+
+class AuditReader:
+    """ListAuditEvents and VerifyAuditLog for auditors and admins; each read is audited.
+
+    Args:
+        log: the audit trail.
+        access: role checks.
+    """
+
+    def __init__(self, log: AuditLog, access: Access) -> None:
+        self._log = log
+        self._access = access
+
+    def list(self, caller: Caller, flt: AuditFilter) -> Iterator[AuditEvent]:
+        with self._log.scope(caller, "ListAuditEvents"):
+            self._access.require_reader(caller)
+            if flt.start_time and flt.end_time and flt.start_time > flt.end_time:
+                raise InvalidArgument("start_time is after end_time")
+        return self._log.events(flt)
+
+    def verify(self, caller: Caller) -> VerifyResult:
+        with self._log.scope(caller, "VerifyAuditLog"):
+            self._access.require_reader(caller)
+            return self._log.verify()

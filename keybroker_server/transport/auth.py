@@ -1,0 +1,62 @@
+"""The caller of a call: identity from the verified client certificate, and a request id."""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import functools
+import hashlib
+import re
+import uuid
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from keybroker_server.domain import Caller
+from keybroker_server.errors import Unauthenticated
+
+#: The request id of the call this thread serves, for log records.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    """The client's `x-request-id` when it is well-formed, else a fresh UUID."""
+    for name, value in metadata or ():
+        if name == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return str(uuid.uuid4())
+
+
+@functools.lru_cache(maxsize=1024)
+def identity_of(pem: bytes) -> tuple[str, str]:
+    """(principal, x5t#S256) of a PEM certificate that the TLS layer has already verified."""
+    cert = x509.load_pem_x509_certificate(pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not str(names[0].value):
+        raise Unauthenticated("the client certificate must carry exactly one subject common name")
+    digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
+    return str(names[0].value), base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """The authenticated caller.
+
+    gRPC puts the peer certificate in the auth context only after it verified the chain to
+    the configured client CA, so its presence is the proof of authentication.
+
+    Raises:
+        Unauthenticated: the connection carries no verified client certificate (the
+            development plaintext listener), or the certificate names no identity.
+    """
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        raise Unauthenticated(
+            "no client certificate: connect with mutual TLS using a certificate issued by "
+            "the broker's client CA"
+        )
+    principal, thumbprint = identity_of(bytes(pems[0]))
+    return Caller(principal, thumbprint, request_id_var.get())

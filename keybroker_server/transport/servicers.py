@@ -1,0 +1,189 @@
+"""Thin servicers: proto in, domain call, proto out. Errors are mapped by the interceptor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+from keybroker.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    crypto_pb2,
+    crypto_pb2_grpc,
+    key_admin_pb2,
+    key_admin_pb2_grpc,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
+
+from keybroker_server.domain import AuditFilter
+from keybroker_server.errors import Unimplemented
+from keybroker_server.services.audit import AuditReader
+from keybroker_server.services.crypto import CryptoService
+from keybroker_server.services.keys import KeyService
+from keybroker_server.services.tokens import TokenService
+from keybroker_server.transport.auth import caller_of
+from keybroker_server.transport.convert import (
+    event_to_pb,
+    from_dur,
+    from_ts,
+    key_to_pb,
+    policy_from_pb,
+    ts,
+)
+
+Ctx = grpc.ServicerContext
+
+
+class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
+    def __init__(self, keys: KeyService) -> None:
+        self._keys = keys
+
+    def CreateKey(self, request: key_admin_pb2.CreateKeyRequest, context: Ctx) -> object:
+        caller = caller_of(context)
+        key = self._keys.create(
+            caller,
+            request.key_id,
+            request.description,
+            policy_from_pb(request.policy),
+            from_dur(request, "rotation_period"),
+            request.hsm,
+        )
+        return key_admin_pb2.CreateKeyResponse(key=key_to_pb(key))
+
+    def GetKey(self, request: key_admin_pb2.GetKeyRequest, context: Ctx) -> object:
+        key = self._keys.get(caller_of(context), request.key_id)
+        return key_admin_pb2.GetKeyResponse(key=key_to_pb(key))
+
+    def ListKeys(self, request: key_admin_pb2.ListKeysRequest, context: Ctx) -> object:
+        keys, token = self._keys.list(caller_of(context), request.page_size, request.page_token)
+        return key_admin_pb2.ListKeysResponse(
+            keys=[key_to_pb(k) for k in keys], next_page_token=token
+        )
+
+    def RotateKey(self, request: key_admin_pb2.RotateKeyRequest, context: Ctx) -> object:
+        key = self._keys.rotate(caller_of(context), request.key_id)
+        return key_admin_pb2.RotateKeyResponse(key=key_to_pb(key))
+
+    def UpdateKeyPolicy(
+        self, request: key_admin_pb2.UpdateKeyPolicyRequest, context: Ctx
+    ) -> object:
+        caller = caller_of(context)
+        key = self._keys.update_policy(caller, request.key_id, policy_from_pb(request.policy))
+        return key_admin_pb2.UpdateKeyPolicyResponse(key=key_to_pb(key))
+
+    def EnableKey(self, request: key_admin_pb2.EnableKeyRequest, context: Ctx) -> object:
+        key = self._keys.set_enabled(caller_of(context), request.key_id, True)
+        return key_admin_pb2.EnableKeyResponse(key=key_to_pb(key))
+
+    def DisableKey(self, request: key_admin_pb2.DisableKeyRequest, context: Ctx) -> object:
+        key = self._keys.set_enabled(caller_of(context), request.key_id, False)
+        return key_admin_pb2.DisableKeyResponse(key=key_to_pb(key))
+
+    def ScheduleKeyDestruction(self, request: object, context: Ctx) -> object:
+        caller_of(context)
+        raise Unimplemented("ScheduleKeyDestruction is not available in this version")
+
+    def CancelKeyDestruction(self, request: object, context: Ctx) -> object:
+        caller_of(context)
+        raise Unimplemented("CancelKeyDestruction is not available in this version")
+
+
+class CryptoServicer(crypto_pb2_grpc.CryptoServicer):
+    def __init__(self, crypto: CryptoService) -> None:
+        self._crypto = crypto
+
+    def GenerateDataKey(self, request: crypto_pb2.GenerateDataKeyRequest, context: Ctx) -> object:
+        data_key, sealed = self._crypto.generate_data_key(
+            caller_of(context), request.key_id, dict(request.context)
+        )
+        return crypto_pb2.GenerateDataKeyResponse(
+            plaintext_key=data_key,
+            wrapped_key=sealed.blob,
+            key_id=sealed.key_id,
+            key_version=sealed.key_version,
+        )
+
+    def Encrypt(self, request: crypto_pb2.EncryptRequest, context: Ctx) -> object:
+        sealed = self._crypto.encrypt(
+            caller_of(context), request.key_id, request.plaintext, dict(request.context)
+        )
+        return crypto_pb2.EncryptResponse(
+            ciphertext=sealed.blob, key_id=sealed.key_id, key_version=sealed.key_version
+        )
+
+    def Decrypt(self, request: crypto_pb2.DecryptRequest, context: Ctx) -> object:
+        opened = self._crypto.decrypt(
+            caller_of(context), request.ciphertext, dict(request.context), request.token
+        )
+        return crypto_pb2.DecryptResponse(
+            plaintext=opened.plaintext, key_id=opened.key_id, key_version=opened.key_version
+        )
+
+    def ReWrap(self, request: crypto_pb2.ReWrapRequest, context: Ctx) -> object:
+        sealed = self._crypto.rewrap(caller_of(context), request.ciphertext, dict(request.context))
+        return crypto_pb2.ReWrapResponse(
+            ciphertext=sealed.blob, key_id=sealed.key_id, key_version=sealed.key_version
+        )
+
+
+class TokensServicer(tokens_pb2_grpc.TokensServicer):
+    def __init__(self, tokens: TokenService) -> None:
+        self._tokens = tokens
+
+    def IssueToken(self, request: tokens_pb2.IssueTokenRequest, context: Ctx) -> object:
+        token, claims = self._tokens.issue(
+            caller_of(context),
+            request.key_id,
+            dict(request.context),
+            request.justification,
+            from_dur(request, "ttl"),
+            request.subject,
+            request.subject_cert_thumbprint,
+        )
+        return tokens_pb2.IssueTokenResponse(
+            token=token, token_id=claims.token_id, expire_time=ts(claims.expires_at)
+        )
+
+    def RevokeToken(self, request: tokens_pb2.RevokeTokenRequest, context: Ctx) -> object:
+        self._tokens.revoke(caller_of(context), request.token_id)
+        return tokens_pb2.RevokeTokenResponse()
+
+    def GetSigningKeys(self, request: tokens_pb2.GetSigningKeysRequest, context: Ctx) -> object:
+        caller_of(context)
+        return tokens_pb2.GetSigningKeysResponse(
+            jwks_json=json.dumps(self._tokens.jwks(), sort_keys=True)
+        )
+
+
+class AuditServicer(audit_pb2_grpc.AuditServicer):
+    def __init__(self, reader: AuditReader) -> None:
+        self._reader = reader
+
+    def ListAuditEvents(
+        self, request: audit_pb2.ListAuditEventsRequest, context: Ctx
+    ) -> Iterator[object]:
+        flt = AuditFilter(
+            key_id=request.key_id,
+            principal=request.principal,
+            operation=request.operation,
+            start_time=from_ts(request, "start_time"),
+            end_time=from_ts(request, "end_time"),
+            after_sequence=request.after_sequence,
+            limit=request.limit,
+        )
+        for event in self._reader.list(caller_of(context), flt):
+            if not context.is_active():
+                return
+            yield audit_pb2.ListAuditEventsResponse(event=event_to_pb(event))
+
+    def VerifyAuditLog(self, request: audit_pb2.VerifyAuditLogRequest, context: Ctx) -> object:
+        result = self._reader.verify(caller_of(context))
+        return audit_pb2.VerifyAuditLogResponse(
+            ok=result.ok,
+            events_checked=result.events_checked,
+            first_bad_sequence=result.first_bad_sequence,
+            error=result.error,
+            head_hash=result.head_hash,
+        )

@@ -1,0 +1,95 @@
+"""An in-memory fake of the `Hsm` port for unit tests of the services."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from keybroker_server.errors import AlreadyExists, DecryptionFailed, HsmObjectMissing, HsmUnavailable
+from keybroker_server.ports import HsmInfo
+from keybroker_server.services.templates import KEK_TEMPLATE, SIGNING_TEMPLATE
+
+
+class FakeHsm:
+    def __init__(self, name: str = "local", jurisdiction: str = "FR") -> None:
+        self.info = HsmInfo(name, jurisdiction, "fake")
+        self.keks: dict[str, AESGCM] = {}
+        self.signers: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self.down = False
+        self.calls = 0
+
+    def _tick(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise HsmUnavailable("fake HSM is down")
+
+    def generate_kek(self, label: str) -> None:
+        self._tick()
+        if label in self.keks:
+            raise AlreadyExists(label)
+        self.keks[label] = AESGCM(AESGCM.generate_key(256))
+
+    def encrypt(self, label: str, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        self._tick()
+        if label not in self.keks:
+            raise HsmObjectMissing(label)
+        return self.keks[label].encrypt(iv, plaintext, aad)
+
+    def decrypt(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        self._tick()
+        if label not in self.keks:
+            raise HsmObjectMissing(label)
+        try:
+            return self.keks[label].decrypt(iv, ciphertext, aad)
+        except InvalidTag:
+            raise DecryptionFailed() from None
+
+    def generate_signing_key(self, label: str) -> bytes:
+        self._tick()
+        self.signers[label] = ec.generate_private_key(ec.SECP256R1())
+        return self.public_point(label)
+
+    def public_point(self, label: str) -> bytes:
+        if label not in self.signers:
+            raise HsmObjectMissing(label)
+        return self.signers[label].public_key().public_bytes(
+            Encoding.X962, PublicFormat.UncompressedPoint
+        )
+
+    def sign(self, label: str, digest: bytes) -> bytes:
+        self._tick()
+        from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+        der = self.signers[label].sign(digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    def random(self, length: int) -> bytes:
+        self._tick()
+        return os.urandom(length)
+
+    def has_object(self, label: str) -> bool:
+        return label in self.keks or label in self.signers
+
+    def destroy(self, label: str) -> None:
+        self.keks.pop(label, None)
+        self.signers.pop(label, None)
+
+    def attributes(self, label: str) -> dict[str, object]:
+        if label in self.keks:
+            return dict(KEK_TEMPLATE)
+        if label in self.signers:
+            return dict(SIGNING_TEMPLATE)
+        raise HsmObjectMissing(label)
+
+    def check(self) -> None:
+        self._tick()
+
+    def close(self) -> None:
+        pass
