@@ -1,0 +1,176 @@
+"""Services with a fake HSM and a throwaway SQLite store: the rules that need no device."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keybroker_server.adapters.sqlite_store import SqliteStore
+from keybroker_server.domain import Caller, Grant, KeyPolicy, Operation, Outcome, Role
+from keybroker_server.errors import (
+    AuditUnavailable,
+    ConcurrentModification,
+    FailedPrecondition,
+    HsmUnavailable,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from keybroker_server.services.access import Access, RateLimiter
+from keybroker_server.services.audit import AuditLog
+from keybroker_server.services.crypto import CryptoService
+from keybroker_server.services.keys import KeyService, validate_policy
+from keybroker_server.services.signing import TOKEN_PURPOSE, SigningKeys
+from keybroker_server.services.tokens import TokenService
+from tests.fakes.hsm import FakeHsm
+
+ADMIN = Caller("admin", "A" * 43, "r1")
+PRODUCER = Caller("producer", "P" * 43, "r2")
+CONSUMER = Caller("consumer", "C" * 43, "r3")
+
+
+class FixedClock:
+    def __init__(self) -> None:
+        self.t = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.t
+
+
+class World:
+    def __init__(self, tmp: Path, rate: float = 0) -> None:
+        self.hsm = FakeHsm()
+        self.store = SqliteStore(tmp / "kb.db")
+        self.clock = FixedClock()
+        self.access = Access({"admin": frozenset({Role.ADMIN})}, {"local": self.hsm})
+        self.audit = AuditLog(self.store, self.clock)
+        limiter = RateLimiter(rate, 2)
+        self.signing = SigningKeys(self.store, {"local": self.hsm})
+        self.signing.ensure(TOKEN_PURPOSE, "local")
+        self.keys = KeyService(self.store, self.access, self.audit, self.clock, "local", limiter)
+        self.tokens = TokenService(self.store, self.store, self.access, self.audit, self.clock,
+                                   self.signing, "urn:i", "urn:a", limiter)
+        self.crypto = CryptoService(self.store, self.access, self.audit, self.tokens, limiter)
+
+    def events(self) -> list:  # type: ignore[type-arg]
+        return list(self.store.all_events())
+
+
+POLICY = KeyPolicy((
+    Grant("producer", frozenset({Operation.ENCRYPT})),
+    Grant("consumer", frozenset({Operation.DECRYPT}), {"d": "x"}),
+))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_rotation_race_gives_one_new_version(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    real_update = world.store.update_key
+    raced = {"done": False}
+
+    def racing_update(key, expected):  # type: ignore[no-untyped-def]
+        if not raced["done"]:
+            raced["done"] = True
+            # Another replica rotates first, between our read and our write.
+            world.keys.rotate(ADMIN, "k")
+        return real_update(key, expected)
+
+    monkeypatch.setattr(world.store, "update_key", racing_update)
+    key = world.keys.rotate(ADMIN, "k")
+    assert key.primary_version == 2
+    assert [v.version for v in world.store.get_key("k").versions] == [1, 2]
+    # Our losing HSM object was removed: only the versions on record remain.
+    assert len(world.hsm.keks) == 2
+
+
+def test_failed_store_write_removes_the_new_hsm_object(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+
+    def fail(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise ConcurrentModification("x")
+
+    monkeypatch.setattr(world.store, "update_key", fail)
+    with pytest.raises(ConcurrentModification):
+        world.keys.rotate(ADMIN, "k")
+    assert len(world.hsm.keks) == 1
+
+
+def test_audit_scope_outcomes(world: World) -> None:
+    with pytest.raises(PermissionDenied):
+        world.keys.create(PRODUCER, "k", "", POLICY, None, "")
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    world.hsm.down = True
+    with pytest.raises(HsmUnavailable):
+        world.crypto.generate_data_key(PRODUCER, "k", {})
+    outcomes = [(e.operation, e.outcome) for e in world.events()]
+    assert outcomes == [
+        ("CreateKey", Outcome.DENIED),
+        ("CreateKey", Outcome.ALLOWED),
+        ("GenerateDataKey", Outcome.ERROR),
+    ]
+    assert world.audit.verify().ok
+
+
+def test_audit_failure_replaces_the_result(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+
+    def fail(_build):  # type: ignore[no-untyped-def]
+        raise AuditUnavailable("down")
+
+    monkeypatch.setattr(world.store, "append", fail)
+    with pytest.raises(AuditUnavailable):
+        world.crypto.generate_data_key(PRODUCER, "k", {})
+    # A denial that cannot be audited is refused as unavailable too.
+    with pytest.raises(AuditUnavailable):
+        world.crypto.generate_data_key(CONSUMER, "k", {})
+
+
+def test_token_round_trip_and_clock(world: World) -> None:
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    token, claims = world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)
+    assert claims.expires_at - claims.issued_at == timedelta(minutes=5)
+    assert world.tokens.verify(token, CONSUMER).token_id == claims.token_id
+    world.clock.t += timedelta(minutes=5)
+    with pytest.raises(Exception, match="expired"):
+        world.tokens.verify(token, CONSUMER)
+
+
+def test_disabled_key_refuses_everything(world: World) -> None:
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    _, sealed = world.crypto.generate_data_key(PRODUCER, "k", {"d": "x"})
+    token, _ = world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)
+    world.keys.set_enabled(ADMIN, "k", False)
+    for call in (lambda: world.crypto.generate_data_key(PRODUCER, "k", {}),
+                 lambda: world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token),
+                 lambda: world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)):
+        with pytest.raises(FailedPrecondition):
+            call()
+
+
+def test_rate_limiter() -> None:
+    limiter = RateLimiter(0.0001, 2)
+    limiter.check("a")
+    limiter.check("a")
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+    limiter.check("b")
+    RateLimiter(0, 1).check("a")  # disabled
+
+
+@pytest.mark.parametrize("policy", [
+    KeyPolicy((Grant("", frozenset({Operation.ENCRYPT})),)),
+    KeyPolicy((Grant("p", frozenset()),)),
+    KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), max_token_ttl=timedelta(hours=2)),)),
+    KeyPolicy((), ("fr",)),
+    KeyPolicy((), ("FRA",)),
+    KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), {"k": "v" * 300}),)),
+])
+def test_policy_validation(policy: KeyPolicy) -> None:
+    with pytest.raises(InvalidArgument):
+        validate_policy(policy)
