@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsm_sim import softhsm
 from keybroker_server.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
 from keybroker_server.adapters.sqlite_store import SqliteStore
 from keybroker_server.clock import SystemClock
@@ -20,10 +21,9 @@ from keybroker_server.services.audit import AuditLog, AuditReader
 from keybroker_server.services.crypto import CryptoService
 from keybroker_server.services.keys import KeyService
 from keybroker_server.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
-from keybroker_server.services.tokens import TokenService
 from keybroker_server.services.templates import check_templates
+from keybroker_server.services.tokens import TokenService
 from keybroker_server.transport.server import Services, TlsMaterial
-from hsm_sim import softhsm
 
 log = logging.getLogger(__name__)
 

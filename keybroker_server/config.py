@@ -111,7 +111,7 @@ def _strings(value: object, setting: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def load_settings(
+def load_settings(  # noqa: PLR0915 - one flat list of settings reads best
     home: Path | None = None,
     listen: str | None = None,
     config_file: Path | None = None,

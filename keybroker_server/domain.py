@@ -23,8 +23,12 @@ MAX_CONTEXT_VALUE_BYTES = 256
 
 #: ISO 3166-1 alpha-2 codes of the EU member states and the other EEA states (IS, LI, NO).
 EU_EEA = frozenset(
-    "AT BE BG HR CY CZ DK EE FI FR DE GR IE IT LV LT LU MT NL PL PT RO SK SI ES SE IS LI NO".split()
-)
+    {
+        "AT", "BE", "BG", "HR", "CY", "CZ", "DK", "EE", "FI", "FR", "DE", "GR", "IE", "IT",
+        "LV", "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI",
+        "NO",
+    }
+)  # fmt: skip
 
 
 class Operation(enum.Enum):
@@ -197,7 +201,8 @@ def validate_key_id(key_id: str) -> str:
         raise InvalidArgument("key_id is required")
     if not KEY_ID_PATTERN.fullmatch(key_id):
         raise InvalidArgument(
-            "key_id must match ^[a-z0-9][a-z0-9._-]{0,62}$ (lower-case letters, digits, '.', '_', '-')"
+            "key_id must match ^[a-z0-9][a-z0-9._-]{0,62}$ "
+            "(lower-case letters, digits, '.', '_', '-')"
         )
     return key_id
 

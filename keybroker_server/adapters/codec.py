@@ -63,7 +63,11 @@ def key_to_json(key: Key) -> str:
             "state": key.state.value,
             "primary_version": key.primary_version,
             "versions": [
-                {"version": v.version, "create_time": dt_to_str(v.create_time), "label": v.hsm_label}
+                {
+                    "version": v.version,
+                    "create_time": dt_to_str(v.create_time),
+                    "label": v.hsm_label,
+                }
                 for v in key.versions
             ],
             "min_decryption_version": key.min_decryption_version,

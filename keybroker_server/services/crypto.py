@@ -171,5 +171,6 @@ def _seal(hsm: Hsm, key: Key, iv: bytes, plaintext: bytes, ctx: Mapping[str, str
     primary = key.primary()
     shell = blobs.Blob(key.key_id, primary.version, iv, b"")
     sealed = hsm.encrypt(primary.hsm_label, iv, plaintext, shell.aad(ctx))
-    return Sealed(blobs.Blob(key.key_id, primary.version, iv, sealed).encode(), key.key_id,
-                  primary.version)
+    return Sealed(
+        blobs.Blob(key.key_id, primary.version, iv, sealed).encode(), key.key_id, primary.version
+    )

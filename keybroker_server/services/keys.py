@@ -257,5 +257,5 @@ class KeyService:
 def _destroy_quietly(hsm: Hsm, label: str) -> None:
     try:
         hsm.destroy(label)
-    except Exception:  # the caller's error matters more; the orphan is reported at start
+    except Exception:  # noqa: BLE001 - the caller's error matters more than this clean-up
         log.warning("could not remove an unused HSM object", extra={"label": label})

@@ -124,8 +124,10 @@ class SigningKeys:
 
     def sign_jws(self, purpose: str, payload: bytes, headers: dict[str, str]) -> str:
         key = self._current[purpose]
+        # PyJWT hands `key` untouched to the registered HSM algorithm.
+        hsm_key: Any = key
         return self._jws.encode(
-            payload, key, algorithm="ES256", headers={**headers, "kid": key.kid}  # type: ignore[arg-type]
+            payload, hsm_key, algorithm="ES256", headers={**headers, "kid": key.kid}
         )
 
     def jwks(self) -> dict[str, Any]:

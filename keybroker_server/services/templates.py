@@ -50,7 +50,9 @@ class WeakKeyError(RuntimeError):
     """An HSM object does not carry the template the broker requires."""
 
 
-def template_problems(attributes: Mapping[str, object], template: Mapping[str, object]) -> list[str]:
+def template_problems(
+    attributes: Mapping[str, object], template: Mapping[str, object]
+) -> list[str]:
     """Names of the attributes of `attributes` that differ from `template`."""
     return [
         f"{name}={attributes.get(name)!r} (want {want!r})"
@@ -74,7 +76,9 @@ def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKe
         for key in page:
             hsm = hsms.get(key.hsm)
             if hsm is None:
-                log.warning("key on an unconfigured HSM is not checked", extra={"key_id": key.key_id})
+                log.warning(
+                    "key on an unconfigured HSM is not checked", extra={"key_id": key.key_id}
+                )
                 continue
             for version in key.versions:
                 _check(hsm, version.hsm_label, KEK_TEMPLATE, f"{key.key_id} v{version.version}")
@@ -90,7 +94,9 @@ def _check(hsm: Hsm, label: str, template: Mapping[str, object], what: str) -> N
     try:
         attributes = hsm.attributes(label)
     except HsmObjectMissing as exc:
-        raise WeakKeyError(f"{what}: HSM object {label!r} is missing from HSM {hsm.info.name!r}") from exc
+        raise WeakKeyError(
+            f"{what}: HSM object {label!r} is missing from HSM {hsm.info.name!r}"
+        ) from exc
     problems = template_problems(attributes, template)
     if problems:
         raise WeakKeyError(f"{what} ({label}) is weaker than required: {', '.join(problems)}")

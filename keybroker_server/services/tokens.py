@@ -305,9 +305,7 @@ class TokenService:
                 raise NotFound(f"no token with id {token_id!r} was issued by this broker")
             if not is_admin and subject != caller.principal:
                 raise PermissionDenied("only an admin or the token's subject may revoke it")
-            self._revocations.revoke(
-                token_id, subject, self._clock.now() + MAX_TOKEN_TTL + LEEWAY
-            )
+            self._revocations.revoke(token_id, subject, self._clock.now() + MAX_TOKEN_TTL + LEEWAY)
 
     def jwks(self) -> dict[str, Any]:
         return self._signing.jwks()

@@ -113,8 +113,9 @@ def key_to_pb(key: Key) -> pb.Key:
         description=key.description,
         state=_STATES[key.state],
         primary_version=key.primary_version,
-        versions=[pb.KeyVersion(version=v.version, create_time=ts(v.create_time))
-                  for v in key.versions],
+        versions=[
+            pb.KeyVersion(version=v.version, create_time=ts(v.create_time)) for v in key.versions
+        ],
         min_decryption_version=key.min_decryption_version,
         policy=policy_to_pb(key.policy),
         hsm=key.hsm,

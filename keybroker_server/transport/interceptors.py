@@ -69,7 +69,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 request = prepare(raw, context)
                 try:
                     return behavior(request, context)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the one place that maps all errors
                     _abort_for(exc, context, method)
 
             return handler._replace(unary_unary=unary, request_deserializer=None)  # type: ignore[attr-defined]
@@ -80,7 +80,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 request = prepare(raw, context)
                 try:
                     yield from stream_behavior(request, context)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the one place that maps all errors
                     _abort_for(exc, context, method)
 
             return handler._replace(unary_stream=stream, request_deserializer=None)  # type: ignore[attr-defined]

@@ -11,7 +11,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keybroker_server.errors import AlreadyExists, DecryptionFailed, HsmObjectMissing, HsmUnavailable
+from keybroker_server.errors import (
+    AlreadyExists,
+    DecryptionFailed,
+    HsmObjectMissing,
+    HsmUnavailable,
+)
 from keybroker_server.ports import HsmInfo
 from keybroker_server.services.templates import KEK_TEMPLATE, SIGNING_TEMPLATE
 
@@ -58,8 +63,10 @@ class FakeHsm:
     def public_point(self, label: str) -> bytes:
         if label not in self.signers:
             raise HsmObjectMissing(label)
-        return self.signers[label].public_key().public_bytes(
-            Encoding.X962, PublicFormat.UncompressedPoint
+        return (
+            self.signers[label]
+            .public_key()
+            .public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
         )
 
     def sign(self, label: str, digest: bytes) -> bytes:

@@ -25,8 +25,9 @@ DECRYPT = resources_pb2.OPERATION_DECRYPT
 REWRAP = resources_pb2.OPERATION_REWRAP
 
 
-def grant(principal: str, *ops: int, context: dict[str, str] | None = None,
-          max_ttl: int | None = None) -> resources_pb2.Grant:
+def grant(
+    principal: str, *ops: int, context: dict[str, str] | None = None, max_ttl: int | None = None
+) -> resources_pb2.Grant:
     g = resources_pb2.Grant(principal=principal, operations=list(ops), context=context or {})
     if max_ttl is not None:
         g.max_token_ttl.CopyFrom(Duration(seconds=max_ttl))
@@ -43,8 +44,7 @@ def standard_policy(**kw: Any) -> resources_pb2.KeyPolicy:
     )
 
 
-def create_key(broker: Broker, key_id: str | None = None, policy: Any = None,
-               hsm: str = "") -> str:
+def create_key(broker: Broker, key_id: str | None = None, policy: Any = None, hsm: str = "") -> str:
     key_id = key_id or new_key_id()
     broker.keys("admin").CreateKey(
         key_admin_pb2.CreateKeyRequest(
@@ -54,15 +54,23 @@ def create_key(broker: Broker, key_id: str | None = None, policy: Any = None,
     return key_id
 
 
-def datakey(broker: Broker, key_id: str, context: dict[str, str] | None = None,
-            identity: str = "producer") -> crypto_pb2.GenerateDataKeyResponse:
+def datakey(
+    broker: Broker, key_id: str, context: dict[str, str] | None = None, identity: str = "producer"
+) -> crypto_pb2.GenerateDataKeyResponse:
     return broker.crypto(identity).GenerateDataKey(
-        crypto_pb2.GenerateDataKeyRequest(key_id=key_id, context=CTX if context is None else context)
+        crypto_pb2.GenerateDataKeyRequest(
+            key_id=key_id, context=CTX if context is None else context
+        )
     )
 
 
-def issue(broker: Broker, key_id: str, context: dict[str, str] | None = None,
-          identity: str = "consumer", **kw: Any) -> tokens_pb2.IssueTokenResponse:
+def issue(
+    broker: Broker,
+    key_id: str,
+    context: dict[str, str] | None = None,
+    identity: str = "consumer",
+    **kw: Any,
+) -> tokens_pb2.IssueTokenResponse:
     return broker.tokens(identity).IssueToken(
         tokens_pb2.IssueTokenRequest(
             key_id=key_id,
@@ -73,9 +81,14 @@ def issue(broker: Broker, key_id: str, context: dict[str, str] | None = None,
     )
 
 
-def decrypt(broker: Broker, blob: bytes, token: str, context: dict[str, str] | None = None,
-            identity: str = "consumer", request_id: str | None = None
-            ) -> crypto_pb2.DecryptResponse:
+def decrypt(
+    broker: Broker,
+    blob: bytes,
+    token: str,
+    context: dict[str, str] | None = None,
+    identity: str = "consumer",
+    request_id: str | None = None,
+) -> crypto_pb2.DecryptResponse:
     md = (("x-request-id", request_id),) if request_id else None
     return broker.crypto(identity).Decrypt(
         crypto_pb2.DecryptRequest(

@@ -35,7 +35,9 @@ class SwitchableAuditStore:
 
     def append(self, build: Callable[[int, str], AuditEvent]) -> AuditEvent:
         if self.failing:
-            raise AuditUnavailable("the audit log cannot be written; the call was refused (fail closed)")
+            raise AuditUnavailable(
+                "the audit log cannot be written; the call was refused (fail closed)"
+            )
         return self.inner.append(build)
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
@@ -79,11 +81,16 @@ def test_every_call_writes_exactly_one_event(broker: Broker) -> None:
     calls = {
         "GenerateDataKey": lambda md: broker.crypto("producer").GenerateDataKey(
             __import__("keybroker.v1.crypto_pb2", fromlist=["x"]).GenerateDataKeyRequest(
-                key_id=key_id, context={"dataset": "cohort-42"}), metadata=md),
+                key_id=key_id, context={"dataset": "cohort-42"}
+            ),
+            metadata=md,
+        ),
         "GetKey": lambda md: broker.keys("auditor").GetKey(
-            key_admin_pb2.GetKeyRequest(key_id=key_id), metadata=md),
+            key_admin_pb2.GetKeyRequest(key_id=key_id), metadata=md
+        ),
         "RotateKey": lambda md: broker.keys("producer").RotateKey(
-            key_admin_pb2.RotateKeyRequest(key_id=key_id), metadata=md),
+            key_admin_pb2.RotateKeyRequest(key_id=key_id), metadata=md
+        ),
     }
     for operation, call in calls.items():
         request_id = rid()
@@ -124,25 +131,39 @@ def test_list_filters(broker: Broker) -> None:
     key_id = create_key(broker)
     datakey(broker, key_id)
     datakey(broker, key_id)
-    stream = broker.audit().ListAuditEvents(audit_pb2.ListAuditEventsRequest(
-        key_id=key_id, operation="GenerateDataKey"))
+    stream = broker.audit().ListAuditEvents(
+        audit_pb2.ListAuditEventsRequest(key_id=key_id, operation="GenerateDataKey")
+    )
     events = [r.event for r in stream]
     assert len(events) == 2 and all(e.principal == "producer" for e in events)
     first = events[0].sequence
-    after = [r.event for r in broker.audit().ListAuditEvents(audit_pb2.ListAuditEventsRequest(
-        key_id=key_id, after_sequence=first))]
+    after = [
+        r.event
+        for r in broker.audit().ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(key_id=key_id, after_sequence=first)
+        )
+    ]
     assert [e.sequence for e in after] == [events[1].sequence]
     limited = list(broker.audit().ListAuditEvents(audit_pb2.ListAuditEventsRequest(limit=1)))
     assert len(limited) == 1
-    by_principal = [r.event for r in broker.audit().ListAuditEvents(
-        audit_pb2.ListAuditEventsRequest(principal="producer", key_id=key_id))]
+    by_principal = [
+        r.event
+        for r in broker.audit().ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(principal="producer", key_id=key_id)
+        )
+    ]
     assert len(by_principal) == 2
-    window = [r.event for r in broker.audit().ListAuditEvents(audit_pb2.ListAuditEventsRequest(
-        key_id=key_id, start_time=events[1].time))]
+    window = [
+        r.event
+        for r in broker.audit().ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(key_id=key_id, start_time=events[1].time)
+        )
+    ]
     assert events[1].sequence in [e.sequence for e in window]
     assert events[0].sequence not in [e.sequence for e in window]
-    code, _ = code_of(lambda: list(broker.audit("producer").ListAuditEvents(
-        audit_pb2.ListAuditEventsRequest())))
+    code, _ = code_of(
+        lambda: list(broker.audit("producer").ListAuditEvents(audit_pb2.ListAuditEventsRequest()))
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -156,7 +177,7 @@ def test_list_filters(broker: Broker) -> None:
     ],
 )
 def test_verify_detects_edits_and_deletions(own_broker, tamper: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    b, audit = own_broker
+    b, _ = own_broker
     key_id = create_key(b)
     for _ in range(4):
         datakey(b, key_id)

@@ -58,8 +58,16 @@ def test_generated_client_runs_the_flow(tmp_path: Path) -> None:
     gen.mkdir()
     protos = sorted(str(p) for p in (ROOT / "protos" / "keybroker" / "v1").glob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
-    rc = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}",
-                      f"--python_out={gen}", f"--grpc_python_out={gen}", *protos])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'protos'}",
+            f"-I{include}",
+            f"--python_out={gen}",
+            f"--grpc_python_out={gen}",
+            *protos,
+        ]
+    )
     assert rc == 0
     for pkg in (gen / "keybroker", gen / "keybroker" / "v1"):
         (pkg / "__init__.py").touch()
@@ -71,11 +79,17 @@ def test_generated_client_runs_the_flow(tmp_path: Path) -> None:
         target = wait_ready(proc, home)
         # The generated stubs go first on sys.path; the client asserts it imported them.
         result = subprocess.run(
-            [sys.executable, "-c",
-             f"import sys; sys.path.insert(0, {str(gen)!r}); "
-             f"sys.argv = ['client', {str(gen)!r}, {target!r}, {str(home / 'pki')!r}]; "
-             f"exec(open({str(script)!r}).read())"],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(gen)!r}); "
+                f"sys.argv = ['client', {str(gen)!r}, {target!r}, {str(home / 'pki')!r}]; "
+                f"exec(open({str(script)!r}).read())",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
         )
     finally:
         stop(proc)

@@ -49,12 +49,16 @@ def test_wrapped_key_is_self_describing_and_never_contains_the_key(broker: Broke
 def test_encrypt_small_payload_and_limit(broker: Broker) -> None:
     key_id = create_key(broker)
     producer = broker.crypto("producer")
-    ct = producer.Encrypt(crypto_pb2.EncryptRequest(key_id=key_id, plaintext=b"x" * 65536,
-                                                    context=CTX))
+    ct = producer.Encrypt(
+        crypto_pb2.EncryptRequest(key_id=key_id, plaintext=b"x" * 65536, context=CTX)
+    )
     token = issue(broker, key_id).token
     assert decrypt(broker, ct.ciphertext, token).plaintext == b"x" * 65536
-    code, msg = code_of(lambda: producer.Encrypt(
-        crypto_pb2.EncryptRequest(key_id=key_id, plaintext=b"x" * 65537, context=CTX)))
+    code, msg = code_of(
+        lambda: producer.Encrypt(
+            crypto_pb2.EncryptRequest(key_id=key_id, plaintext=b"x" * 65537, context=CTX)
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "65536" in msg
 
 
@@ -139,8 +143,11 @@ def test_rotation_keeps_old_versions_and_rewrap_moves_to_primary(broker: Broker)
     assert not hasattr(rewrapped, "plaintext")
     assert decrypt(broker, rewrapped.ciphertext, token).plaintext == old.plaintext_key
     # The consumer has no rewrap grant.
-    code, _ = code_of(lambda: broker.crypto("consumer").ReWrap(
-        crypto_pb2.ReWrapRequest(ciphertext=old.wrapped_key, context=CTX)))
+    code, _ = code_of(
+        lambda: broker.crypto("consumer").ReWrap(
+            crypto_pb2.ReWrapRequest(ciphertext=old.wrapped_key, context=CTX)
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -152,10 +159,17 @@ def test_kek_attributes_in_the_hsm(broker: Broker) -> None:
     for version in key.versions:
         attrs = broker.app.hsms["local"].attributes(version.hsm_label)
         for name, want in {
-            "CKA_TOKEN": True, "CKA_PRIVATE": True, "CKA_SENSITIVE": True,
-            "CKA_EXTRACTABLE": False, "CKA_MODIFIABLE": False, "CKA_WRAP": False,
-            "CKA_UNWRAP": False, "CKA_SIGN": False, "CKA_VERIFY": False,
-            "CKA_ENCRYPT": True, "CKA_DECRYPT": True,
+            "CKA_TOKEN": True,
+            "CKA_PRIVATE": True,
+            "CKA_SENSITIVE": True,
+            "CKA_EXTRACTABLE": False,
+            "CKA_MODIFIABLE": False,
+            "CKA_WRAP": False,
+            "CKA_UNWRAP": False,
+            "CKA_SIGN": False,
+            "CKA_VERIFY": False,
+            "CKA_ENCRYPT": True,
+            "CKA_DECRYPT": True,
             "CKA_ALLOWED_MECHANISMS": ["CKM_AES_GCM"],
         }.items():
             assert attrs[name] == want, (name, attrs.get(name))
@@ -167,7 +181,8 @@ def test_key_metadata_and_pagination(broker: Broker) -> None:
     token = ""
     while True:
         page = broker.keys("auditor").ListKeys(
-            key_admin_pb2.ListKeysRequest(page_size=2, page_token=token))
+            key_admin_pb2.ListKeysRequest(page_size=2, page_token=token)
+        )
         assert len(page.keys) <= 2
         seen += [k.key_id for k in page.keys]
         token = page.next_page_token

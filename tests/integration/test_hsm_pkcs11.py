@@ -815,9 +815,7 @@ def test_stale_object_handle_is_found_again(hsm: Pkcs11Hsm) -> None:
     assert calls.count("openSession") == 0
 
 
-def test_wrong_pin_is_unavailable_with_a_clear_message(
-    softhsm: Softhsm, tmp_path: Path
-) -> None:
+def test_wrong_pin_is_unavailable_with_a_clear_message(softhsm: Softhsm, tmp_path: Path) -> None:
     library, token = softhsm
     home = token.conf_path.parent
     # A token of its own: login state is per token and process, and no other session of
@@ -977,9 +975,7 @@ def test_read_pin_refuses_unsafe_files(tmp_path: Path) -> None:
 def test_existing_token_without_its_pin_file_is_refused(softhsm: Softhsm, tmp_path: Path) -> None:
     library, token = softhsm
     with pytest.raises(RuntimeError, match="does not exist"):
-        ensure_token(
-            token.conf_path.parent, token.label, tmp_path / "no-such.pin", library=library
-        )
+        ensure_token(token.conf_path.parent, token.label, tmp_path / "no-such.pin", library=library)
 
 
 def test_one_conf_and_one_load_per_process(softhsm: Softhsm, tmp_path: Path) -> None:

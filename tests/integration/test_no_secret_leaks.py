@@ -32,7 +32,8 @@ def test_full_flow_leaks_nothing(broker: Broker, caplog: pytest.LogCaptureFixtur
     dk = datakey(broker, key_id)
     secret_payload = b"patient 1234567 has condition Z"
     ct = broker.crypto("producer").Encrypt(
-        crypto_pb2.EncryptRequest(key_id=key_id, plaintext=secret_payload, context=CTX))
+        crypto_pb2.EncryptRequest(key_id=key_id, plaintext=secret_payload, context=CTX)
+    )
     issued = issue(broker, key_id)
     assert decrypt(broker, dk.wrapped_key, issued.token).plaintext == dk.plaintext_key
     assert decrypt(broker, ct.ciphertext, issued.token).plaintext == secret_payload
@@ -45,8 +46,13 @@ def test_full_flow_leaks_nothing(broker: Broker, caplog: pytest.LogCaptureFixtur
     ):
         request_id = rid()
         denied_ids.append(request_id)
-        errors.append(code_of(lambda i=identity, b=blob, c=ctx, r=request_id: decrypt(
-            broker, b, issued.token, c, identity=i, request_id=r))[1])
+        errors.append(
+            code_of(
+                lambda i=identity, b=blob, c=ctx, r=request_id: decrypt(
+                    broker, b, issued.token, c, identity=i, request_id=r
+                )
+            )[1]
+        )
     # A handler that crashes is logged with its traceback but answers a generic message.
     events = [r.event for r in broker.audit().ListAuditEvents(audit_pb2.ListAuditEventsRequest())]
     audit_text = "\n".join(str(e) for e in events)
@@ -68,8 +74,9 @@ def test_full_flow_leaks_nothing(broker: Broker, caplog: pytest.LogCaptureFixtur
         assert by_request[request_id].operation == "Decrypt"
 
 
-def test_internal_errors_are_generic(broker: Broker, caplog: pytest.LogCaptureFixture,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_errors_are_generic(
+    broker: Broker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_id = create_key(broker)
 
     def boom(*_a: object, **_k: object) -> None:

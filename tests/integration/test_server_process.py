@@ -46,9 +46,14 @@ def wait_ready(proc: subprocess.Popen[str], home: Path, timeout: float = 60) -> 
 
 def channel(home: Path, target: str, identity: str = "admin") -> grpc.Channel:
     pki = home / "pki"
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(
-        (pki / "ca.pem").read_bytes(), (pki / f"{identity}.key").read_bytes(),
-        (pki / f"{identity}.pem").read_bytes()))
+    return grpc.secure_channel(
+        target,
+        grpc.ssl_channel_credentials(
+            (pki / "ca.pem").read_bytes(),
+            (pki / f"{identity}.key").read_bytes(),
+            (pki / f"{identity}.pem").read_bytes(),
+        ),
+    )
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -75,8 +80,9 @@ def test_first_start_restart_and_graceful_stop(home: Path) -> None:
         with channel(home, target) as ch:
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
-            key_admin_pb2_grpc.KeyAdminStub(ch).CreateKey(key_admin_pb2.CreateKeyRequest(
-                key_id="survives-restart", policy=standard_policy()))
+            key_admin_pb2_grpc.KeyAdminStub(ch).CreateKey(
+                key_admin_pb2.CreateKeyRequest(key_id="survives-restart", policy=standard_policy())
+            )
     finally:
         code, out = stop(proc)
     assert code == 0, out
@@ -92,8 +98,11 @@ def test_first_start_restart_and_graceful_stop(home: Path) -> None:
         assert (home / "pki" / "ca.pem").read_bytes() == ca_before
         assert (home / "hsm.pin").read_bytes() == pin_before
         with channel(home, target) as ch:
-            key = key_admin_pb2_grpc.KeyAdminStub(ch).GetKey(
-                key_admin_pb2.GetKeyRequest(key_id="survives-restart")).key
+            key = (
+                key_admin_pb2_grpc.KeyAdminStub(ch)
+                .GetKey(key_admin_pb2.GetKeyRequest(key_id="survives-restart"))
+                .key
+            )
             assert key.primary_version == 1
     finally:
         code, out = stop(proc)

@@ -22,12 +22,13 @@ from tests.integration.flows import (
 IA = grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize(
-    "key_id", ["", "UPPER", "-lead", "a" * 64, "spa ce", "sl/ash", "ünï"]
-)
+@pytest.mark.parametrize("key_id", ["", "UPPER", "-lead", "a" * 64, "spa ce", "sl/ash", "ünï"])
 def test_bad_key_id_is_invalid_argument(broker: Broker, key_id: str) -> None:
-    code, msg = code_of(lambda: broker.keys().CreateKey(
-        key_admin_pb2.CreateKeyRequest(key_id=key_id, policy=standard_policy())))
+    code, msg = code_of(
+        lambda: broker.keys().CreateKey(
+            key_admin_pb2.CreateKeyRequest(key_id=key_id, policy=standard_policy())
+        )
+    )
     assert code == IA and "key_id" in msg
 
 
@@ -77,8 +78,11 @@ def test_undecryptable_blob_is_invalid_argument(broker: Broker) -> None:
 def test_no_client_certificate_is_unauthenticated(broker: Broker) -> None:
     """The development plaintext listener carries no certificate: every key RPC is refused."""
     with grpc.insecure_channel(f"127.0.0.1:{broker.running.insecure_port}") as ch:
-        code, msg = code_of(lambda: key_admin_pb2_grpc.KeyAdminStub(ch).GetKey(
-            key_admin_pb2.GetKeyRequest(key_id="anything")))
+        code, msg = code_of(
+            lambda: key_admin_pb2_grpc.KeyAdminStub(ch).GetKey(
+                key_admin_pb2.GetKeyRequest(key_id="anything")
+            )
+        )
         assert code == grpc.StatusCode.UNAUTHENTICATED and "client certificate" in msg
         # Health is still served there, for probes.
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
@@ -89,8 +93,11 @@ def test_tls_without_client_certificate_is_refused_at_handshake(broker: Broker) 
     ca = (broker.home / "pki" / "ca.pem").read_bytes()
     creds = grpc.ssl_channel_credentials(root_certificates=ca)
     with grpc.secure_channel(broker.target, creds) as ch:
-        code, _ = code_of(lambda: key_admin_pb2_grpc.KeyAdminStub(ch).GetKey(
-            key_admin_pb2.GetKeyRequest(key_id="anything"), timeout=5))
+        code, _ = code_of(
+            lambda: key_admin_pb2_grpc.KeyAdminStub(ch).GetKey(
+                key_admin_pb2.GetKeyRequest(key_id="anything"), timeout=5
+            )
+        )
         assert code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -102,8 +109,11 @@ def test_bad_token_is_unauthenticated(broker: Broker) -> None:
 
 
 def test_role_is_permission_denied(broker: Broker) -> None:
-    code, msg = code_of(lambda: broker.keys("producer").CreateKey(
-        key_admin_pb2.CreateKeyRequest(key_id=new_key_id(), policy=standard_policy())))
+    code, msg = code_of(
+        lambda: broker.keys("producer").CreateKey(
+            key_admin_pb2.CreateKeyRequest(key_id=new_key_id(), policy=standard_policy())
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in msg
     code, _ = code_of(lambda: broker.keys("consumer").ListKeys(key_admin_pb2.ListKeysRequest()))
     assert code == grpc.StatusCode.PERMISSION_DENIED
@@ -129,14 +139,17 @@ def test_jurisdiction_is_permission_denied(broker: Broker) -> None:
     code, msg = code_of(lambda: create_key(broker, hsm="us-east"))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "jurisdiction" in msg
     # A policy that allows the US may use that HSM.
-    key_id = create_key(broker, policy=standard_policy(allowed_jurisdictions=["US"]),
-                        hsm="us-east")
+    key_id = create_key(broker, policy=standard_policy(allowed_jurisdictions=["US"]), hsm="us-east")
     assert datakey(broker, key_id).key_version == 1
     # Narrowing a key's policy so its HSM's jurisdiction is no longer allowed is refused.
     local = create_key(broker)
-    code, _ = code_of(lambda: broker.keys().UpdateKeyPolicy(
-        key_admin_pb2.UpdateKeyPolicyRequest(
-            key_id=local, policy=standard_policy(allowed_jurisdictions=["DE"]))))
+    code, _ = code_of(
+        lambda: broker.keys().UpdateKeyPolicy(
+            key_admin_pb2.UpdateKeyPolicyRequest(
+                key_id=local, policy=standard_policy(allowed_jurisdictions=["DE"])
+            )
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -168,8 +181,11 @@ def test_disabled_key_is_failed_precondition(broker: Broker) -> None:
     token = issue(broker, key_id).token
     disabled = broker.keys().DisableKey(key_admin_pb2.DisableKeyRequest(key_id=key_id)).key
     assert disabled.state == resources_pb2.KEY_STATE_DISABLED
-    for call in (lambda: datakey(broker, key_id), lambda: decrypt(broker, dk.wrapped_key, token),
-                 lambda: issue(broker, key_id)):
+    for call in (
+        lambda: datakey(broker, key_id),
+        lambda: decrypt(broker, dk.wrapped_key, token),
+        lambda: issue(broker, key_id),
+    ):
         code, msg = code_of(call)
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "disabled" in msg
     broker.keys().EnableKey(key_admin_pb2.EnableKeyRequest(key_id=key_id))
@@ -178,15 +194,20 @@ def test_disabled_key_is_failed_precondition(broker: Broker) -> None:
 
 def test_unimplemented_destruction(broker: Broker) -> None:
     key_id = create_key(broker)
-    code, _ = code_of(lambda: broker.keys().ScheduleKeyDestruction(
-        key_admin_pb2.ScheduleKeyDestructionRequest(key_id=key_id,
-                                                     pending_window=Duration(seconds=86400))))
+    code, _ = code_of(
+        lambda: broker.keys().ScheduleKeyDestruction(
+            key_admin_pb2.ScheduleKeyDestructionRequest(
+                key_id=key_id, pending_window=Duration(seconds=86400)
+            )
+        )
+    )
     assert code == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_rate_limit_is_resource_exhausted(hsm_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    b = start_broker(hsm_home, database=tmp_path / "rl.db", rate_limit_per_second=0.001,
-                     rate_limit_burst=3)
+    b = start_broker(
+        hsm_home, database=tmp_path / "rl.db", rate_limit_per_second=0.001, rate_limit_burst=3
+    )
     try:
         key_id = create_key(b)  # 1 call for admin
         for _ in range(3):
@@ -201,7 +222,11 @@ def test_rate_limit_is_resource_exhausted(hsm_home, tmp_path) -> None:  # type: 
 
 def test_oversize_message_is_refused(broker: Broker) -> None:
     key_id = create_key(broker)
-    code, _ = code_of(lambda: broker.crypto("producer").Encrypt(
-        crypto_pb2.EncryptRequest(key_id=key_id, plaintext=b"x" * (5 * 1024 * 1024),
-                                  context=CTX)))
+    code, _ = code_of(
+        lambda: broker.crypto("producer").Encrypt(
+            crypto_pb2.EncryptRequest(
+                key_id=key_id, plaintext=b"x" * (5 * 1024 * 1024), context=CTX
+            )
+        )
+    )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

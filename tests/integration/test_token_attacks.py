@@ -28,7 +28,16 @@ from keybroker.v1 import key_admin_pb2, tokens_pb2
 
 from keybroker_server.services.signing import TOKEN_PURPOSE
 from tests.broker_fixtures import Broker
-from tests.integration.flows import CTX, code_of, create_key, datakey, decrypt, events_for, issue, rid
+from tests.integration.flows import (
+    CTX,
+    code_of,
+    create_key,
+    datakey,
+    decrypt,
+    events_for,
+    issue,
+    rid,
+)
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -52,8 +61,12 @@ def claims_for(broker: Broker, key_id: str, identity: str = "consumer", **over: 
         "nbf": now,
         "exp": now + 300,
         "jti": str(uuid.uuid4()),
-        "scope": {"key_id": key_id, "operations": ["decrypt"], "context": CTX,
-                  "justification": "test"},
+        "scope": {
+            "key_id": key_id,
+            "operations": ["decrypt"],
+            "context": CTX,
+            "justification": "test",
+        },
         "cnf": {"x5t#S256": thumbprint((broker.home / "pki" / f"{identity}.pem").read_bytes())},
     }
     claims.update(over)
@@ -77,8 +90,9 @@ def setup(broker: Broker) -> tuple[str, bytes]:
 
 def assert_refused(broker: Broker, blob: bytes, token: str, identity: str = "consumer") -> str:
     request_id = rid()
-    code, msg = code_of(lambda: decrypt(broker, blob, token, identity=identity,
-                                        request_id=request_id))
+    code, msg = code_of(
+        lambda: decrypt(broker, blob, token, identity=identity, request_id=request_id)
+    )
     assert code == UNAUTH, msg
     events = events_for(broker, request_id)
     assert len(events) == 1 and events[0].outcome == 2  # OUTCOME_DENIED
@@ -98,8 +112,17 @@ def test_control_forged_claims_signed_by_hsm_are_accepted(broker: Broker, setup)
 def test_missing_garbage_truncated_oversized(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
     key_id, blob = setup
     good = issue(broker, key_id).token
-    for token in ("", "garbage", "a.b.c", good[:-5], good[: len(good) // 2], good + "x",
-                  good + "." + good, "e" * 9000, good.replace(".", "..", 1)):
+    for token in (
+        "",
+        "garbage",
+        "a.b.c",
+        good[:-5],
+        good[: len(good) // 2],
+        good + "x",
+        good + "." + good,
+        "e" * 9000,
+        good.replace(".", "..", 1),
+    ):
         assert_refused(broker, blob, token)
 
 
@@ -116,8 +139,12 @@ def test_hs256_keyed_with_the_public_key(broker: Broker, setup) -> None:  # type
     signing = broker.app.signing.ensure(TOKEN_PURPOSE, "local")
     pub = signing.public_key
     secrets_to_try = [
-        pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-        pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        pub.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        pub.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
         pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint),
         json.dumps(json.loads(tokens_jwks(broker))["keys"][0]).encode(),
     ]
@@ -137,8 +164,12 @@ def test_another_signing_key(broker: Broker, setup) -> None:  # type: ignore[no-
     rogue = ec.generate_private_key(ec.SECP256R1())
     kid = broker.app.signing.ensure(TOKEN_PURPOSE, "local").kid
     for header_kid in (kid, "rogue"):
-        token = jwt.encode(claims_for(broker, key_id), rogue, algorithm="ES256",
-                           headers={"kid": header_kid, "typ": "at+jwt"})
+        token = jwt.encode(
+            claims_for(broker, key_id),
+            rogue,
+            algorithm="ES256",
+            headers={"kid": header_kid, "typ": "at+jwt"},
+        )
         assert_refused(broker, blob, token)
     # The audit signing key is the broker's too, but not for tokens.
     audit_key = next(k for k in broker.app.signing.all() if k.purpose == "audit")
@@ -256,12 +287,18 @@ def test_revoked_token(broker: Broker, setup) -> None:  # type: ignore[no-untype
 def test_revocation_rights(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
     key_id, _ = setup
     issued = issue(broker, key_id)
-    code, _ = code_of(lambda: broker.tokens("producer").RevokeToken(
-        tokens_pb2.RevokeTokenRequest(token_id=issued.token_id)))
+    code, _ = code_of(
+        lambda: broker.tokens("producer").RevokeToken(
+            tokens_pb2.RevokeTokenRequest(token_id=issued.token_id)
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
     broker.tokens("admin").RevokeToken(tokens_pb2.RevokeTokenRequest(token_id=issued.token_id))
-    code, _ = code_of(lambda: broker.tokens("admin").RevokeToken(
-        tokens_pb2.RevokeTokenRequest(token_id="no-such-token")))
+    code, _ = code_of(
+        lambda: broker.tokens("admin").RevokeToken(
+            tokens_pb2.RevokeTokenRequest(token_id="no-such-token")
+        )
+    )
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -288,9 +325,13 @@ def test_replayed_from_another_client_certificate(broker: Broker, setup) -> None
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     (pki / "consumer-twin.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (pki / "consumer-twin.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (pki / "consumer-twin.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     assert_refused(broker, blob, token, "consumer-twin")
 
 
@@ -308,19 +349,27 @@ def test_token_for_another_key_or_context(broker: Broker, setup) -> None:  # typ
 def test_token_does_not_open_admin_rpcs(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
     key_id, _ = setup
     token = issue(broker, key_id).token
-    code, _ = code_of(lambda: broker.keys("consumer").RotateKey(
-        key_admin_pb2.RotateKeyRequest(key_id=key_id), metadata=(("authorization", f"Bearer {token}"),)))
+    code, _ = code_of(
+        lambda: broker.keys("consumer").RotateKey(
+            key_admin_pb2.RotateKeyRequest(key_id=key_id),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_withdrawn_grant_stops_issued_tokens(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
     key_id, blob = setup
     token = issue(broker, key_id).token
-    from tests.integration.flows import ENCRYPT, grant
     from keybroker.v1 import resources_pb2
 
-    broker.keys().UpdateKeyPolicy(key_admin_pb2.UpdateKeyPolicyRequest(
-        key_id=key_id, policy=resources_pb2.KeyPolicy(grants=[grant("producer", ENCRYPT)])))
+    from tests.integration.flows import ENCRYPT, grant
+
+    broker.keys().UpdateKeyPolicy(
+        key_admin_pb2.UpdateKeyPolicyRequest(
+            key_id=key_id, policy=resources_pb2.KeyPolicy(grants=[grant("producer", ENCRYPT)])
+        )
+    )
     code, _ = code_of(lambda: decrypt(broker, blob, token))
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
@@ -334,11 +383,13 @@ def test_ttl_rules(broker: Broker, setup) -> None:  # type: ignore[no-untyped-de
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     code, _ = code_of(lambda: issue(broker, key_id, justification=" "))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    from tests.integration.flows import DECRYPT, grant
     from keybroker.v1 import resources_pb2
 
-    short = create_key(broker, policy=resources_pb2.KeyPolicy(
-        grants=[grant("consumer", DECRYPT, max_ttl=60)]))
+    from tests.integration.flows import DECRYPT, grant
+
+    short = create_key(
+        broker, policy=resources_pb2.KeyPolicy(grants=[grant("consumer", DECRYPT, max_ttl=60)])
+    )
     assert issue(broker, short).expire_time.seconds - int(datetime.now(UTC).timestamp()) <= 60
     code, msg = code_of(lambda: issue(broker, short, ttl=Duration(seconds=120)))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "maximum" in msg
@@ -347,13 +398,21 @@ def test_ttl_rules(broker: Broker, setup) -> None:  # type: ignore[no-untyped-de
 def test_admin_issues_for_another_subject(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
     key_id, blob = setup
     consumer_tp = thumbprint((broker.home / "pki" / "consumer.pem").read_bytes())
-    issued = issue(broker, key_id, identity="admin", subject="consumer",
-                   subject_cert_thumbprint=consumer_tp)
+    issued = issue(
+        broker, key_id, identity="admin", subject="consumer", subject_cert_thumbprint=consumer_tp
+    )
     assert decrypt(broker, blob, issued.token).plaintext
     # Not usable by the admin itself, and non-admins may not issue for others.
     assert_refused(broker, blob, issued.token, "admin")
-    code, _ = code_of(lambda: issue(broker, key_id, identity="consumer", subject="producer",
-                                    subject_cert_thumbprint=consumer_tp))
+    code, _ = code_of(
+        lambda: issue(
+            broker,
+            key_id,
+            identity="consumer",
+            subject="producer",
+            subject_cert_thumbprint=consumer_tp,
+        )
+    )
     assert code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -369,7 +428,10 @@ def test_jwks_lists_token_and_audit_keys(broker: Broker) -> None:
     token = issue(broker, key_id).token
     kid = jwt.get_unverified_header(token)["kid"]
     jwk = next(k for k in jwks["keys"] if k["kid"] == kid)
-    claims = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["ES256"],
-                        audience=broker.app.settings.audience)
-    assert claims["cnf"]["x5t#S256"] == thumbprint((broker.home / "pki" / "consumer.pem").read_bytes())
+    claims = jwt.decode(
+        token, jwt.PyJWK(jwk).key, algorithms=["ES256"], audience=broker.app.settings.audience
+    )
+    assert claims["cnf"]["x5t#S256"] == thumbprint(
+        (broker.home / "pki" / "consumer.pem").read_bytes()
+    )
     assert claims["scope"]["key_id"] == key_id

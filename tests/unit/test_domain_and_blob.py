@@ -16,8 +16,9 @@ from keybroker_server.domain import (
 )
 from keybroker_server.errors import InvalidArgument
 
-text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
-               max_size=12)
+text = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12
+)
 contexts = st.dictionaries(text.filter(bool), text, max_size=5)
 
 
@@ -43,9 +44,12 @@ def test_aad_binds_key_and_version() -> None:
     assert base.startswith(b"keybroker.blob.v1KB\x01")
 
 
-@given(st.from_regex(r"[a-z0-9][a-z0-9._-]{0,62}", fullmatch=True),
-       st.integers(1, 2**32 - 1), st.binary(min_size=12, max_size=12),
-       st.binary(min_size=16, max_size=80))
+@given(
+    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,62}", fullmatch=True),
+    st.integers(1, 2**32 - 1),
+    st.binary(min_size=12, max_size=12),
+    st.binary(min_size=16, max_size=80),
+)
 def test_blob_round_trip(key_id: str, version: int, iv: bytes, sealed: bytes) -> None:
     blob = blobs.Blob(key_id, version, iv, sealed)
     assert blobs.parse(blob.encode()) == blob
@@ -59,11 +63,18 @@ def test_parse_never_crashes(data: bytes) -> None:
         pass
 
 
-@pytest.mark.parametrize("data", [b"", b"KB", b"XX\x01\x01k\x00\x00\x00\x01" + b"\x00" * 28,
-                                  b"KB\x02\x01k\x00\x00\x00\x01" + b"\x00" * 28,
-                                  b"KB\x01\x01k\x00\x00\x00\x00" + b"\x00" * 28,
-                                  b"KB\x01\x01K\x00\x00\x00\x01" + b"\x00" * 28,
-                                  b"KB\x01\x00\x00\x00\x00\x01" + b"\x00" * 28])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"KB",
+        b"XX\x01\x01k\x00\x00\x00\x01" + b"\x00" * 28,
+        b"KB\x02\x01k\x00\x00\x00\x01" + b"\x00" * 28,
+        b"KB\x01\x01k\x00\x00\x00\x00" + b"\x00" * 28,
+        b"KB\x01\x01K\x00\x00\x00\x01" + b"\x00" * 28,
+        b"KB\x01\x00\x00\x00\x00\x01" + b"\x00" * 28,
+    ],
+)
 def test_parse_rejects_malformed(data: bytes) -> None:
     with pytest.raises(InvalidArgument):
         blobs.parse(data)
@@ -88,8 +99,15 @@ def test_invalid_key_ids(key_id: str) -> None:
 
 def test_context_limits() -> None:
     assert validate_context({"k" * 64: "v" * 256})
-    for bad in ({"k" * 65: "v"}, {"k": "v" * 257}, {f"{i}": "v" for i in range(17)},
-                {"": "v"}, {"k\x00": "v"}, {"k": "\x00"}, {"é" * 33: "v"}):
+    for bad in (
+        {"k" * 65: "v"},
+        {"k": "v" * 257},
+        {f"{i}": "v" for i in range(17)},
+        {"": "v"},
+        {"k\x00": "v"},
+        {"k": "\x00"},
+        {"é" * 33: "v"},
+    ):
         with pytest.raises(InvalidArgument):
             validate_context(bad)
 

@@ -50,18 +50,29 @@ class World:
         self.signing = SigningKeys(self.store, {"local": self.hsm})
         self.signing.ensure(TOKEN_PURPOSE, "local")
         self.keys = KeyService(self.store, self.access, self.audit, self.clock, "local", limiter)
-        self.tokens = TokenService(self.store, self.store, self.access, self.audit, self.clock,
-                                   self.signing, "urn:i", "urn:a", limiter)
+        self.tokens = TokenService(
+            self.store,
+            self.store,
+            self.access,
+            self.audit,
+            self.clock,
+            self.signing,
+            "urn:i",
+            "urn:a",
+            limiter,
+        )
         self.crypto = CryptoService(self.store, self.access, self.audit, self.tokens, limiter)
 
     def events(self) -> list:  # type: ignore[type-arg]
         return list(self.store.all_events())
 
 
-POLICY = KeyPolicy((
-    Grant("producer", frozenset({Operation.ENCRYPT})),
-    Grant("consumer", frozenset({Operation.DECRYPT}), {"d": "x"}),
-))
+POLICY = KeyPolicy(
+    (
+        Grant("producer", frozenset({Operation.ENCRYPT})),
+        Grant("consumer", frozenset({Operation.DECRYPT}), {"d": "x"}),
+    )
+)
 
 
 @pytest.fixture
@@ -146,9 +157,11 @@ def test_disabled_key_refuses_everything(world: World) -> None:
     _, sealed = world.crypto.generate_data_key(PRODUCER, "k", {"d": "x"})
     token, _ = world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)
     world.keys.set_enabled(ADMIN, "k", False)
-    for call in (lambda: world.crypto.generate_data_key(PRODUCER, "k", {}),
-                 lambda: world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token),
-                 lambda: world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)):
+    for call in (
+        lambda: world.crypto.generate_data_key(PRODUCER, "k", {}),
+        lambda: world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token),
+        lambda: world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None),
+    ):
         with pytest.raises(FailedPrecondition):
             call()
 
@@ -163,14 +176,17 @@ def test_rate_limiter() -> None:
     RateLimiter(0, 1).check("a")  # disabled
 
 
-@pytest.mark.parametrize("policy", [
-    KeyPolicy((Grant("", frozenset({Operation.ENCRYPT})),)),
-    KeyPolicy((Grant("p", frozenset()),)),
-    KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), max_token_ttl=timedelta(hours=2)),)),
-    KeyPolicy((), ("fr",)),
-    KeyPolicy((), ("FRA",)),
-    KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), {"k": "v" * 300}),)),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KeyPolicy((Grant("", frozenset({Operation.ENCRYPT})),)),
+        KeyPolicy((Grant("p", frozenset()),)),
+        KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), max_token_ttl=timedelta(hours=2)),)),
+        KeyPolicy((), ("fr",)),
+        KeyPolicy((), ("FRA",)),
+        KeyPolicy((Grant("p", frozenset({Operation.DECRYPT}), {"k": "v" * 300}),)),
+    ],
+)
 def test_policy_validation(policy: KeyPolicy) -> None:
     with pytest.raises(InvalidArgument):
         validate_policy(policy)
