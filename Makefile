@@ -55,7 +55,7 @@ lint: deps node_modules/.bin/buf
 	$(PY) scripts/check_stubs.py
 
 bench: deps
-	$(PY) -m bench
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf $(VENV) node_modules
