@@ -7,7 +7,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from keybroker_server.domain import AuditEvent, AuditFilter, Caller, Outcome, audit_digest
+from keybroker_server.domain import (
+    AuditEvent,
+    AuditFilter,
+    Caller,
+    Outcome,
+    audit_digest,
+    validate_context,
+)
 from keybroker_server.errors import InvalidArgument, KeybrokerError, Unavailable
 from keybroker_server.ports import AuditStore, Clock
 from keybroker_server.services.access import Access
@@ -15,6 +22,8 @@ from keybroker_server.services.access import Access
 log = logging.getLogger(__name__)
 
 MAX_REASON = 512
+MAX_ID = 64
+MAX_JUSTIFICATION = 1024
 
 
 @dataclass(slots=True)
@@ -76,6 +85,12 @@ class AuditLog:
     def record(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
         """Appends one event; raises AuditUnavailable when it cannot be made durable."""
         now = self._clock.now()
+        # Fields come from the request and may be invalid or huge when the call is refused:
+        # keep the record bounded, and an invalid context out of it.
+        try:
+            context = validate_context(draft.context)
+        except InvalidArgument:
+            context = {}
 
         def build(sequence: int, prev_hash: str) -> AuditEvent:
             event = AuditEvent(
@@ -83,11 +98,11 @@ class AuditLog:
                 time=now,
                 principal=draft.caller.principal,
                 operation=draft.operation,
-                key_id=draft.key_id,
+                key_id=draft.key_id[:MAX_ID],
                 key_version=draft.key_version,
-                token_id=draft.token_id,
-                context=dict(draft.context),
-                justification=draft.justification,
+                token_id=draft.token_id[:MAX_ID],
+                context=context,
+                justification=draft.justification[:MAX_JUSTIFICATION],
                 outcome=outcome,
                 reason=reason[:MAX_REASON],
                 request_id=draft.caller.request_id,

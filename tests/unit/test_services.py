@@ -190,3 +190,12 @@ def test_rate_limiter() -> None:
 def test_policy_validation(policy: KeyPolicy) -> None:
     with pytest.raises(InvalidArgument):
         validate_policy(policy)
+
+
+def test_audit_records_stay_bounded_for_refused_input(world: World) -> None:
+    huge = "k" * 10_000
+    with pytest.raises(InvalidArgument):
+        world.crypto.generate_data_key(PRODUCER, huge, {f"{i}": "v" for i in range(40)})
+    (event,) = world.events()
+    assert event.outcome is Outcome.DENIED
+    assert len(event.key_id) == 64 and event.context == {}
