@@ -15,6 +15,7 @@ from keybroker_server.clock import SystemClock
 from keybroker_server.config import DEV_IDENTITIES, HsmConfig, Settings
 from keybroker_server.devpki import ensure_dev_pki
 from keybroker_server.domain import Role
+from keybroker_server.errors import Unavailable
 from keybroker_server.ports import AuditStore, Clock, Hsm, HsmInfo
 from keybroker_server.services.access import Access, RateLimiter
 from keybroker_server.services.audit import AuditLog, AuditReader
@@ -71,7 +72,13 @@ def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Libra
             assert cfg.pin_file is not None
             softhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
-        hsms[cfg.name] = Pkcs11Hsm(library, cfg.token_label, _pin(cfg), info, cfg.pool_size)
+        hsm = Pkcs11Hsm(library, cfg.token_label, _pin(cfg), info, cfg.pool_size)
+        try:
+            hsm.check()  # log in now: a wrong PIN or a missing token stops the start
+        except Unavailable as exc:
+            hsm.close()
+            raise RuntimeError(f"HSM {cfg.name!r} (token {cfg.token_label!r}): {exc}") from exc
+        hsms[cfg.name] = hsm
     return hsms, libraries
 
 

@@ -93,9 +93,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "keybroker_server", "--home", str(home), "--listen",
-         "127.0.0.1:0", "--log-level", "WARNING"],
+    server = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [
+            sys.executable,
+            "-m",
+            "keybroker_server",
+            "--home",
+            str(home),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "WARNING",
+        ],
         stdout=subprocess.DEVNULL,
         env={k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"},
     )
@@ -107,15 +116,33 @@ def main() -> int:
             time.sleep(0.1)
         target = addr.read_text().strip()
         admin = key_admin_pb2_grpc.KeyAdminStub(channel(home, target, "admin"))
-        admin.CreateKey(key_admin_pb2.CreateKeyRequest(key_id="bench", policy=resources_pb2.KeyPolicy(grants=[
-            resources_pb2.Grant(principal="producer", operations=[resources_pb2.OPERATION_ENCRYPT]),
-            resources_pb2.Grant(principal="consumer", operations=[resources_pb2.OPERATION_DECRYPT]),
-        ])))
+        admin.CreateKey(
+            key_admin_pb2.CreateKeyRequest(
+                key_id="bench",
+                policy=resources_pb2.KeyPolicy(
+                    grants=[
+                        resources_pb2.Grant(
+                            principal="producer", operations=[resources_pb2.OPERATION_ENCRYPT]
+                        ),
+                        resources_pb2.Grant(
+                            principal="consumer", operations=[resources_pb2.OPERATION_DECRYPT]
+                        ),
+                    ]
+                ),
+            )
+        )
         producer = crypto_pb2_grpc.CryptoStub(channel(home, target, "producer"))
         consumer_ch = channel(home, target, "consumer")
         consumer = crypto_pb2_grpc.CryptoStub(consumer_ch)
-        token = tokens_pb2_grpc.TokensStub(consumer_ch).IssueToken(tokens_pb2.IssueTokenRequest(
-            key_id="bench", context=CTX, justification="benchmark", ttl={"seconds": 3600})).token
+        token = (
+            tokens_pb2_grpc.TokensStub(consumer_ch)
+            .IssueToken(
+                tokens_pb2.IssueTokenRequest(
+                    key_id="bench", context=CTX, justification="benchmark", ttl={"seconds": 3600}
+                )
+            )
+            .token
+        )
         gdk_req = crypto_pb2.GenerateDataKeyRequest(key_id="bench", context=CTX)
         wrapped = producer.GenerateDataKey(gdk_req).wrapped_key
         dec_req = crypto_pb2.DecryptRequest(ciphertext=wrapped, context=CTX, token=token)
@@ -132,13 +159,17 @@ def main() -> int:
                 for threads in (1, args.threads):
                     key = f"{name} x{threads}"
                     results.setdefault(key, []).append(
-                        measure(call, args.calls, threads, server.pid))
+                        measure(call, args.calls, threads, server.pid)
+                    )
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
     report = {
-        "machine": {"nproc": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
         "command": " ".join(sys.argv),
         "results": results,
     }
@@ -147,11 +178,15 @@ def main() -> int:
     (out / f"bench-{int(time.time())}.json").write_text(json.dumps(report, indent=2))
     print(f"{'operation':<20}{'rps':>24}{'p50 ms':>20}{'p99 ms':>22}{'server CPU ms/call':>22}")
     for key, rounds in results.items():
+
         def cell(metric: str, rounds: list[dict[str, float]] = rounds) -> str:
             vals = [r[metric] for r in rounds]
             return f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]"
-        print(f"{key:<20}{cell('rps'):>24}{cell('p50_ms'):>20}{cell('p99_ms'):>22}"
-              f"{cell('server_cpu_ms_per_call'):>22}")
+
+        print(
+            f"{key:<20}{cell('rps'):>24}{cell('p50_ms'):>20}{cell('p99_ms'):>22}"
+            f"{cell('server_cpu_ms_per_call'):>22}"
+        )
     return 0
 
 
