@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from keybroker_server.errors import InvalidArgument
+from keybroker_server.errors import InvalidArgument, Unauthenticated
 
 KEY_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 MAX_CONTEXT_ENTRIES = 16
@@ -70,6 +70,14 @@ class Caller:
     principal: str
     cert_thumbprint: str
     request_id: str
+
+    def require_authenticated(self) -> None:
+        """Raises Unauthenticated for a caller without a verified client certificate."""
+        if not self.principal or not self.cert_thumbprint:
+            raise Unauthenticated(
+                "no client certificate: connect with mutual TLS using a certificate issued by "
+                "the broker's client CA"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ class AuditLog:
     def scope(self, caller: Caller, operation: str, **fields: object) -> Iterator[AuditDraft]:
         """Audits the block as one call.
 
+        An unauthenticated caller is refused (and audited) before the block runs.
         The block fills in the draft as it learns the key, version, token and context. On
         success the event is ALLOWED, on a domain error DENIED (ERROR for an unavailable
         dependency or an unexpected exception), with the error's message as the reason.
@@ -72,6 +73,7 @@ class AuditLog:
         """
         draft = AuditDraft(caller=caller, operation=operation, **fields)  # type: ignore[arg-type]
         try:
+            caller.require_authenticated()
             yield draft
         except KeybrokerError as exc:
             outcome = Outcome.ERROR if isinstance(exc, Unavailable) else Outcome.DENIED

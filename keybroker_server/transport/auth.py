@@ -43,20 +43,18 @@ def identity_of(pem: bytes) -> tuple[str, str]:
 
 
 def caller_of(context: grpc.ServicerContext) -> Caller:
-    """The authenticated caller.
+    """The caller of this call; anonymous (empty principal) without a client certificate.
 
     gRPC puts the peer certificate in the auth context only after it verified the chain to
-    the configured client CA, so its presence is the proof of authentication.
+    the configured client CA, so its presence is the proof of authentication. An anonymous
+    caller (the development plaintext listener) is refused by the services, inside their
+    audit scope, so the refusal is audited like any other.
 
     Raises:
-        Unauthenticated: the connection carries no verified client certificate (the
-            development plaintext listener), or the certificate names no identity.
+        Unauthenticated: the certificate names no identity.
     """
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
-        raise Unauthenticated(
-            "no client certificate: connect with mutual TLS using a certificate issued by "
-            "the broker's client CA"
-        )
+        return Caller("", "", request_id_var.get())
     principal, thumbprint = identity_of(bytes(pems[0]))
     return Caller(principal, thumbprint, request_id_var.get())

@@ -82,11 +82,11 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
         return key_admin_pb2.DisableKeyResponse(key=key_to_pb(key))
 
     def ScheduleKeyDestruction(self, request: object, context: Ctx) -> object:
-        caller_of(context)
+        caller_of(context).require_authenticated()
         raise Unimplemented("ScheduleKeyDestruction is not available in this version")
 
     def CancelKeyDestruction(self, request: object, context: Ctx) -> object:
-        caller_of(context)
+        caller_of(context).require_authenticated()
         raise Unimplemented("CancelKeyDestruction is not available in this version")
 
 
@@ -151,7 +151,7 @@ class TokensServicer(tokens_pb2_grpc.TokensServicer):
         return tokens_pb2.RevokeTokenResponse()
 
     def GetSigningKeys(self, request: tokens_pb2.GetSigningKeysRequest, context: Ctx) -> object:
-        caller_of(context)
+        caller_of(context).require_authenticated()
         return tokens_pb2.GetSigningKeysResponse(
             jwks_json=json.dumps(self._tokens.jwks(), sort_keys=True)
         )

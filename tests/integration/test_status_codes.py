@@ -6,7 +6,15 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from keybroker.v1 import crypto_pb2, key_admin_pb2, key_admin_pb2_grpc, resources_pb2
+from keybroker.v1 import (
+    crypto_pb2,
+    crypto_pb2_grpc,
+    key_admin_pb2,
+    key_admin_pb2_grpc,
+    resources_pb2,
+    tokens_pb2,
+    tokens_pb2_grpc,
+)
 
 from tests.broker_fixtures import Broker, new_key_id, start_broker
 from tests.integration.flows import (
@@ -15,7 +23,9 @@ from tests.integration.flows import (
     create_key,
     datakey,
     decrypt,
+    events_for,
     issue,
+    rid,
     standard_policy,
 )
 
@@ -84,6 +94,26 @@ def test_no_client_certificate_is_unauthenticated(broker: Broker) -> None:
             )
         )
         assert code == grpc.StatusCode.UNAUTHENTICATED and "client certificate" in msg
+        # The refusal is audited, with no principal.
+        request_id = rid()
+        code, _ = code_of(
+            lambda: crypto_pb2_grpc.CryptoStub(ch).GenerateDataKey(
+                crypto_pb2.GenerateDataKeyRequest(key_id="anything"),
+                metadata=(("x-request-id", request_id),),
+            )
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        (event,) = events_for(broker, request_id)
+        assert (event.principal, event.operation, event.outcome) == ("", "GenerateDataKey", 2)
+        for call in (
+            lambda: tokens_pb2_grpc.TokensStub(ch).GetSigningKeys(
+                tokens_pb2.GetSigningKeysRequest()
+            ),
+            lambda: key_admin_pb2_grpc.KeyAdminStub(ch).ScheduleKeyDestruction(
+                key_admin_pb2.ScheduleKeyDestructionRequest(key_id="x")
+            ),
+        ):
+            assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
         # Health is still served there, for probes.
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
