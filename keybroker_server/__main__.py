@@ -13,7 +13,7 @@ import click
 from keybroker_server import logs
 from keybroker_server.app import build_app
 from keybroker_server.config import ConfigError, load_settings
-from keybroker_server.transport.server import create_server
+from keybroker_server.transport.server import HealthMonitor, create_server
 
 log = logging.getLogger("keybroker_server")
 
@@ -85,7 +85,9 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    monitor = HealthMonitor(running, [h.check for h in app.hsms.values()]).start()
     stop.wait()
+    monitor.stop()
     running.stop(settings.grace_seconds)
     app.close()
     addr_file.unlink(missing_ok=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -130,3 +132,59 @@ def create_server(
     for name in (*SERVICE_NAMES, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, insecure_port, health_servicer)
+
+
+class HealthMonitor:
+    """Probes the dependencies (HSMs) in the background and mirrors them in health.
+
+    While any probe fails, every service reports NOT_SERVING, so a load balancer stops
+    sending traffic to a broker that would only answer UNAVAILABLE; the first passing round
+    brings SERVING back.
+
+    Args:
+        running: the server whose health servicer is updated.
+        probes: callables that raise when their dependency is unreachable.
+        interval: seconds between rounds.
+    """
+
+    def __init__(
+        self, running: RunningServer, probes: Sequence[Callable[[], None]], interval: float = 5.0
+    ) -> None:
+        self._running = running
+        self._probes = probes
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-monitor", daemon=True)
+        self.healthy = True
+
+    def start(self) -> HealthMonitor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check_once(self) -> bool:
+        healthy = True
+        for probe in self._probes:
+            try:
+                probe()
+            except Exception as exc:  # noqa: BLE001 - any failure means not serving
+                log.warning("health probe failed: %s", exc)
+                healthy = False
+        if healthy != self.healthy and not self._stop.is_set():
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if healthy
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in (*SERVICE_NAMES, ""):
+                self._running.health.set(name, status)
+            log.warning("health is now %s", "SERVING" if healthy else "NOT_SERVING")
+        self.healthy = healthy
+        return healthy
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.check_once()

@@ -38,3 +38,28 @@ def test_health_per_service_and_graceful_stop(hsm_home: Path, tmp_path: Path) ->
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
     b.close()
+
+
+def test_health_follows_the_hsm(hsm_home: Path, tmp_path: Path) -> None:
+    import PyKCS11
+
+    from hsm_sim.softhsm import FailOnCall
+    from keybroker_server.transport.server import HealthMonitor
+
+    b = start_broker(hsm_home, database=tmp_path / "m.db")
+    try:
+        stub = health_pb2_grpc.HealthStub(b.channel("producer"))
+        hsm = b.app.hsms["local"]
+        monitor = HealthMonitor(b.running, [h.check for h in b.app.hsms.values()], interval=60)
+        assert monitor.check_once()
+        hsm.fault_hook = FailOnCall(1, PyKCS11.CKR_DEVICE_ERROR, times=10_000)  # type: ignore[attr-defined]
+        assert not monitor.check_once()
+        for service in ("", "keybroker.v1.Crypto"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        hsm.fault_hook = None  # type: ignore[attr-defined]
+        assert monitor.check_once()
+        reply = stub.Check(health_pb2.HealthCheckRequest(service="keybroker.v1.Crypto"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        b.close()
