@@ -29,6 +29,7 @@ from keybroker_server.errors import (
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+PAGE = 1000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -282,8 +283,8 @@ class SqliteStore:
         return event
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
-        where = ["sequence > ?"]
-        params: list[object] = [flt.after_sequence]
+        where: list[str] = []
+        params: list[object] = []
         for column, value in (
             ("key_id", flt.key_id),
             ("principal", flt.principal),
@@ -298,20 +299,31 @@ class SqliteStore:
         if flt.end_time is not None:
             where.append("time < ?")
             params.append(dt_to_str(flt.end_time))
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(where)} "  # noqa: S608
-        sql += "ORDER BY sequence"
-        if flt.limit:
-            sql += " LIMIT ?"
-            params.append(flt.limit)
-        yield from self._paged(sql, params)
+        yield from self._paged(where, params, flt.after_sequence, flt.limit)
 
     def all_events(self) -> Iterator[AuditEvent]:
-        yield from self._paged(f"SELECT {_AUDIT_COLUMNS} FROM audit_events ORDER BY sequence", [])  # noqa: S608
+        yield from self._paged([], [], 0, 0)
 
-    def _paged(self, sql: str, params: list[object]) -> Iterator[AuditEvent]:
-        # Rows are fetched under the lock in one go per query; the generator then yields
-        # without holding it, so a slow stream reader never blocks writers.
-        with self._store_errors(), self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        for row in rows:
-            yield _row_to_event(row)
+    def _paged(
+        self, where: list[str], params: list[object], after: int, limit: int
+    ) -> Iterator[AuditEvent]:
+        # Pages of PAGE rows by sequence, each read under the lock; the generator yields
+        # without holding it, so a slow stream reader never blocks writers, and memory stays
+        # bounded however long the trail is.
+        conditions = " AND ".join(["sequence > ?", *where])
+        sql = (
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {conditions} "  # noqa: S608
+            "ORDER BY sequence LIMIT ?"
+        )
+        remaining = limit or None
+        while True:
+            size = min(PAGE, remaining) if remaining else PAGE
+            with self._store_errors(), self._lock:
+                rows = self._db.execute(sql, [after, *params, size]).fetchall()
+            for row in rows:
+                yield _row_to_event(row)
+            if remaining:
+                remaining -= len(rows)
+            if len(rows) < size or remaining == 0:
+                return
+            after = rows[-1][0]

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_REASON = 512
 MAX_ID = 64
+MAX_SEQUENCE = 2**63 - 1
 MAX_JUSTIFICATION = 1024
 
 
@@ -158,6 +159,8 @@ class AuditReader:
             self._access.require_reader(caller)
             if flt.start_time and flt.end_time and flt.start_time > flt.end_time:
                 raise InvalidArgument("start_time is after end_time")
+            if flt.after_sequence >= MAX_SEQUENCE:
+                raise InvalidArgument(f"after_sequence must be below {MAX_SEQUENCE}")
         return self._log.events(flt)
 
     def verify(self, caller: Caller) -> VerifyResult:

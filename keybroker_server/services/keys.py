@@ -37,6 +37,8 @@ MAX_GRANTS = 256
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 CAS_ATTEMPTS = 8
+MIN_ROTATION_PERIOD = timedelta(days=1)
+MAX_ROTATION_PERIOD = timedelta(days=3653)
 _JURISDICTION = re.compile(r"[A-Z]{2}")
 
 
@@ -126,8 +128,10 @@ class KeyService:
             if len(description) > MAX_DESCRIPTION:
                 raise InvalidArgument(f"description is longer than {MAX_DESCRIPTION} characters")
             validate_policy(policy)
-            if rotation_period is not None and rotation_period < timedelta(days=1):
-                raise InvalidArgument("rotation_period must be at least 1 day when set")
+            if rotation_period is not None and not (
+                MIN_ROTATION_PERIOD <= rotation_period <= MAX_ROTATION_PERIOD
+            ):
+                raise InvalidArgument("rotation_period must be between 1 day and 10 years")
             hsm = self._access.hsm_named(hsm_name or self._default_hsm)
             Access.require_jurisdiction(policy.jurisdictions(), hsm, key_id)
             try:

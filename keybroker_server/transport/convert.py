@@ -50,7 +50,10 @@ def from_ts(msg: object, field: str) -> datetime | None:
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return None
     value: Timestamp = getattr(msg, field)
-    return value.ToDatetime(tzinfo=UTC)
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument(f"{field} is out of range") from None
 
 
 def dur(value: timedelta | None) -> Duration | None:
@@ -67,7 +70,10 @@ def from_dur(msg: object, field: str) -> timedelta | None:
     value: Duration = getattr(msg, field)
     if value.seconds < 0 or value.nanos < 0:
         raise InvalidArgument(f"{field} must not be negative")
-    return value.ToTimedelta()
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{field} is out of range") from None
 
 
 def policy_from_pb(msg: pb.KeyPolicy) -> KeyPolicy:

@@ -199,3 +199,20 @@ def test_audit_records_stay_bounded_for_refused_input(world: World) -> None:
     (event,) = world.events()
     assert event.outcome is Outcome.DENIED
     assert len(event.key_id) == 64 and event.context == {}
+
+
+def test_audit_listing_pages_through_long_trails(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import keybroker_server.adapters.sqlite_store as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "PAGE", 3)
+    for _ in range(10):
+        with pytest.raises(PermissionDenied):
+            world.keys.create(PRODUCER, "k", "", POLICY, None, "")
+    from keybroker_server.domain import AuditFilter
+
+    assert [e.sequence for e in world.store.all_events()] == list(range(1, 11))
+    assert [e.sequence for e in world.store.events(AuditFilter(after_sequence=2, limit=7))] == list(
+        range(3, 10)
+    )
+    assert [e.sequence for e in world.store.events(AuditFilter(after_sequence=8))] == [9, 10]
+    assert world.audit.verify().events_checked == 10
