@@ -63,14 +63,19 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
         log.error("start-up failed: %s", exc)
         log.debug("start-up failure", exc_info=True)
         sys.exit(2)
-    running = create_server(
-        app.services,
-        app.tls,
-        settings.listen,
-        settings.insecure_listen,
-        settings.max_workers,
-        settings.max_concurrent_rpcs,
-    )
+    try:
+        running = create_server(
+            app.services,
+            app.tls,
+            settings.listen,
+            settings.insecure_listen,
+            settings.max_workers,
+            settings.max_concurrent_rpcs,
+        )
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot listen on %s: %s", settings.listen, exc)
+        app.close()
+        sys.exit(2)
     host = settings.listen.rsplit(":", 1)[0]
     addr_file = settings.home / "listen.addr"
     addr_file.write_text(f"{host}:{running.port}\n")

@@ -130,3 +130,26 @@ def test_bad_config_is_a_clear_error(home: Path, tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "hsm[0].jurisdiction is required" in out
     assert "Traceback" not in out
+
+
+def test_port_in_use_is_a_clear_error(home: Path) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        run_env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+        proc = subprocess.run(
+            [*SERVER, "--home", str(home), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            env=run_env,
+            timeout=60,
+        )
+    finally:
+        busy.close()
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
