@@ -111,6 +111,25 @@ def build_app(
     tls = load_tls(settings)
     hsms, libraries = open_hsms(settings)
     store = SqliteStore(settings.database or settings.home / "keybroker.db")
+    try:
+        return _assemble(settings, clock, audit_store, tls, hsms, libraries, store)
+    except BaseException:
+        # Nothing half-opened stays behind when the start fails (e.g. a weak key).
+        for hsm in hsms.values():
+            hsm.close()
+        store.close()
+        raise
+
+
+def _assemble(
+    settings: Settings,
+    clock: Clock,
+    audit_store: AuditStore | None,
+    tls: TlsMaterial,
+    hsms: dict[str, Hsm],
+    libraries: dict[str, Pkcs11Library],
+    store: SqliteStore,
+) -> App:
     roles: dict[str, frozenset[Role]] = {}
     for name in settings.admins:
         roles[name] = roles.get(name, frozenset()) | {Role.ADMIN}

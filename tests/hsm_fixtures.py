@@ -15,9 +15,11 @@ Use:
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
+import PyKCS11
 import pytest
 
 from hsm_sim.softhsm import SoftHsmToken, ensure_token
@@ -90,3 +92,20 @@ def hsm(softhsm: tuple[Pkcs11Library, SoftHsmToken]) -> Iterator[Pkcs11Hsm]:
     yield adapter
     adapter.fault_hook = None
     adapter.close()
+
+
+@contextmanager
+def raw_session(library: Pkcs11Library, token: SoftHsmToken) -> Iterator[PyKCS11.Session]:
+    """A logged-in PyKCS11 session outside the adapter, as an attacker with the PIN has."""
+    slot = library.slot_for_token(token.label)
+    with library.using() as lib:
+        session = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
+        try:
+            try:
+                session.login(token.pin())
+            except PyKCS11.PyKCS11Error as exc:
+                if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                    raise
+            yield session
+        finally:
+            session.closeSession()

@@ -43,6 +43,7 @@ from tests.hsm_fixtures import (  # noqa: F401  (pytest fixtures)
     US_INFO,
     hsm,
     make_hsm,
+    raw_session,
     softhsm,
     softhsm_home,
     softhsm_second,
@@ -56,23 +57,6 @@ AAD = b"kb1|key-a|v1|ctx"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def raw_session(library: Pkcs11Library, token: SoftHsmToken) -> Iterator[PyKCS11.Session]:
-    """A logged-in PyKCS11 session outside the adapter, as an attacker with the PIN has."""
-    slot = library.slot_for_token(token.label)
-    with library.using() as lib:
-        session = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
-        try:
-            try:
-                session.login(token.pin())
-            except PyKCS11.PyKCS11Error as exc:
-                if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
-                    raise
-            yield session
-        finally:
-            session.closeSession()
 
 
 def find_one(session: PyKCS11.Session, label: str, cls: int) -> PyKCS11.CK_OBJECT_HANDLE:

@@ -1,0 +1,57 @@
+"""Invariant 1 at start: a key-encryption key weaker than its template stops the broker."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import PyKCS11
+import pytest
+
+from hsm_sim.softhsm import SoftHsmToken
+from keybroker_server.adapters.pkcs11_hsm import Pkcs11Library
+from keybroker_server.app import build_app
+from keybroker_server.services.templates import WeakKeyError
+from tests.broker_fixtures import broker_settings, start_broker
+from tests.integration.flows import create_key
+from tests.hsm_fixtures import raw_session
+
+
+def test_weak_kek_on_the_token_refuses_start(
+    hsm_home: Path, tmp_path: Path, softhsm: tuple[Pkcs11Library, SoftHsmToken]
+) -> None:
+    db = tmp_path / "weak.db"
+    b = start_broker(hsm_home, database=db)
+    key_id = create_key(b)
+    b.close()
+    # Someone with the PIN plants an extractable AES key and points the metadata at it.
+    library, token = softhsm
+    weak_label = f"weak-{key_id}"
+    with raw_session(library, token) as session:
+        session.generateKey(
+            [
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+                (PyKCS11.CKA_VALUE_LEN, 32),
+                (PyKCS11.CKA_TOKEN, True),
+                (PyKCS11.CKA_PRIVATE, True),
+                (PyKCS11.CKA_SENSITIVE, False),
+                (PyKCS11.CKA_EXTRACTABLE, True),
+                (PyKCS11.CKA_ENCRYPT, True),
+                (PyKCS11.CKA_DECRYPT, True),
+                (PyKCS11.CKA_LABEL, weak_label),
+            ],
+            PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN),
+        )
+    conn = sqlite3.connect(db)
+    (data,) = conn.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+    label = data.split('"label": "')[1].split('"')[0]
+    conn.execute(
+        "UPDATE keys SET data = ? WHERE key_id = ?", (data.replace(label, weak_label), key_id)
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(WeakKeyError) as info:
+        build_app(broker_settings(hsm_home, database=db))
+    message = str(info.value)
+    assert key_id in message and "CKA_EXTRACTABLE" in message
