@@ -15,8 +15,8 @@ Use:
 from __future__ import annotations
 
 import uuid
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import PyKCS11

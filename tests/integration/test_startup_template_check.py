@@ -13,8 +13,8 @@ from keybroker_server.adapters.pkcs11_hsm import Pkcs11Library
 from keybroker_server.app import build_app
 from keybroker_server.services.templates import WeakKeyError
 from tests.broker_fixtures import broker_settings, start_broker
-from tests.integration.flows import create_key
 from tests.hsm_fixtures import raw_session
+from tests.integration.flows import create_key
 
 
 def test_weak_kek_on_the_token_refuses_start(
