@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class Settings:
     rate_limit_per_second: float = 0.0
     rate_limit_burst: int = 100
     grace_seconds: float = 5.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def issuer(self) -> str:
