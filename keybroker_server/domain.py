@@ -173,6 +173,8 @@ class TokenClaims:
     not_before: datetime
     expires_at: datetime
     cert_thumbprint: str
+    #: How many Decrypt calls the token allows; 0 means no limit within its lifetime.
+    max_uses: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,14 @@ class RevocationStore(Protocol):
 
     def is_revoked(self, token_id: str) -> bool: ...
 
+    def consume_use(self, token_id: str, max_uses: int) -> bool:
+        """Counts one use of a token atomically across replicas.
+
+        Returns:
+            True if the use is within `max_uses` (and was counted), False if the token has
+            already been used `max_uses` times (nothing is counted then).
+        """
+
 
 class AuditStore(Protocol):
     """The append-only audit table."""

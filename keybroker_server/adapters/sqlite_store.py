@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS issued_tokens (
     key_id TEXT NOT NULL,
     expires_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS token_uses (
+    token_id TEXT PRIMARY KEY,
+    uses BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revocations (
     token_id TEXT PRIMARY KEY,
     subject TEXT NOT NULL,
@@ -240,6 +244,16 @@ class SqliteStore:
                 "SELECT 1 FROM revocations WHERE token_id = ?", (token_id,)
             ).fetchone()
         return row is not None
+
+    def consume_use(self, token_id: str, max_uses: int) -> bool:
+        with self._store_errors(), self._tx(immediate=True) as cur:
+            cur.execute(
+                "INSERT INTO token_uses (token_id, uses) VALUES (?, 1) "
+                "ON CONFLICT (token_id) DO UPDATE SET uses = token_uses.uses + 1 "
+                "WHERE token_uses.uses < ?",
+                (token_id, max_uses),
+            )
+            return cur.rowcount == 1
 
     # SigningKeyStore -----------------------------------------------------------------------
 

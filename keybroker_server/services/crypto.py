@@ -125,6 +125,8 @@ class CryptoService:
             # its tokens at once.
             Access.matching_grants(key, claims.subject, Operation.DECRYPT, claims.context)
             hsm, label = self._decrypting_version(key, blob.key_version)
+            # Counted once every check has passed, so a refused call does not use up a token.
+            self._tokens.consume_use(claims)
             plaintext = hsm.decrypt(label, blob.iv, blob.sealed, blob.aad(ctx))
             return Opened(plaintext, blob.key_id, blob.key_version)
 

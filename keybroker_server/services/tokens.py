@@ -22,7 +22,13 @@ from keybroker_server.domain import (
     validate_context,
     validate_key_id,
 )
-from keybroker_server.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from keybroker_server.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from keybroker_server.ports import Clock, KeyStore, RevocationStore
 from keybroker_server.services.access import Access, RateLimiter
 from keybroker_server.services.audit import AuditLog
@@ -35,6 +41,7 @@ DEFAULT_TTL = timedelta(minutes=5)
 LEEWAY = timedelta(seconds=5)
 MAX_TOKEN_BYTES = 8192
 MAX_JUSTIFICATION = 1024
+MAX_USES = 10_000
 TOKEN_TYPE = "at+jwt"
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "cnf")
 _FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit"})
@@ -111,6 +118,7 @@ class TokenService:
         ttl: timedelta | None,
         subject: str = "",
         subject_thumbprint: str = "",
+        max_uses: int = 0,
     ) -> tuple[str, TokenClaims]:
         with self._audit.scope(
             caller, "IssueToken", key_id=key_id, context=context, justification=justification
@@ -134,6 +142,8 @@ class TokenService:
                 subject, subject_thumbprint = caller.principal, caller.cert_thumbprint
             if ttl is not None and (ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL):
                 raise InvalidArgument("ttl must be between 1 second and 1 hour")
+            if not 0 <= max_uses <= MAX_USES:
+                raise InvalidArgument(f"max_uses must be between 0 (no limit) and {MAX_USES}")
             key = self._keys.get_key(key_id)
             Access.require_usable(key)
             self._access.hsm_for(key)
@@ -158,6 +168,7 @@ class TokenService:
                 not_before=now,
                 expires_at=now + ttl,
                 cert_thumbprint=subject_thumbprint,
+                max_uses=max_uses,
             )
             draft.token_id = claims.token_id
             token = self._sign(claims)
@@ -178,6 +189,7 @@ class TokenService:
                 "operations": sorted(op.value for op in claims.operations),
                 "context": dict(claims.context),
                 "justification": claims.justification,
+                "max_uses": claims.max_uses,
             },
             "cnf": {"x5t#S256": claims.cert_thumbprint},
         }
@@ -271,6 +283,8 @@ class TokenService:
                 and all(isinstance(v, str) for v in context.values())
                 and isinstance(cnf["x5t#S256"], str)
                 and all(isinstance(payload[c], int) for c in ("iat", "nbf", "exp"))
+                and isinstance(scope["max_uses"], int)
+                and 0 <= scope["max_uses"] <= MAX_USES
             )
             if not fields_ok:
                 raise TypeError
@@ -285,9 +299,21 @@ class TokenService:
                 not_before=datetime.fromtimestamp(payload["nbf"], UTC),
                 expires_at=datetime.fromtimestamp(payload["exp"], UTC),
                 cert_thumbprint=cnf["x5t#S256"],
+                max_uses=scope["max_uses"],
             )
         except (KeyError, TypeError, ValueError, OverflowError, OSError):
             raise Unauthenticated(_BAD) from None
+
+    def consume_use(self, claims: TokenClaims) -> None:
+        """Counts one Decrypt against the token's use limit, if it has one.
+
+        Raises:
+            ResourceExhausted: the token has been used as often as it allows.
+        """
+        if claims.max_uses and not self._revocations.consume_use(claims.token_id, claims.max_uses):
+            raise ResourceExhausted(
+                f"token has been used its {claims.max_uses} allowed time(s); get a new one"
+            )
 
     # RevokeToken -------------------------------------------------------------------------
 

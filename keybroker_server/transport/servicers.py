@@ -141,9 +141,13 @@ class TokensServicer(tokens_pb2_grpc.TokensServicer):
             from_dur(request, "ttl"),
             request.subject,
             request.subject_cert_thumbprint,
+            request.max_uses,
         )
         return tokens_pb2.IssueTokenResponse(
-            token=token, token_id=claims.token_id, expire_time=ts(claims.expires_at)
+            token=token,
+            token_id=claims.token_id,
+            expire_time=ts(claims.expires_at),
+            max_uses=claims.max_uses,
         )
 
     def RevokeToken(self, request: tokens_pb2.RevokeTokenRequest, context: Ctx) -> object:

@@ -66,6 +66,7 @@ def claims_for(broker: Broker, key_id: str, identity: str = "consumer", **over: 
             "operations": ["decrypt"],
             "context": CTX,
             "justification": "test",
+            "max_uses": 0,
         },
         "cnf": {"x5t#S256": thumbprint((broker.home / "pki" / f"{identity}.pem").read_bytes())},
     }
@@ -435,3 +436,36 @@ def test_jwks_lists_token_and_audit_keys(broker: Broker) -> None:
         (broker.home / "pki" / "consumer.pem").read_bytes()
     )
     assert claims["scope"]["key_id"] == key_id
+
+
+def test_token_use_limit(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
+    key_id, blob = setup
+    issued = issue(broker, key_id, max_uses=2)
+    assert issued.max_uses == 2
+    # A refused call (wrong context) does not use the token up.
+    code, _ = code_of(lambda: decrypt(broker, blob, issued.token, {"dataset": "cohort-43"}))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    for _ in range(2):
+        assert decrypt(broker, blob, issued.token).plaintext
+    request_id = rid()
+    code, msg = code_of(lambda: decrypt(broker, blob, issued.token, request_id=request_id))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 allowed" in msg
+    (event,) = events_for(broker, request_id)
+    assert event.outcome == 2 and event.token_id == issued.token_id
+    # Unlimited by default; out-of-range limits are refused.
+    unlimited = issue(broker, key_id)
+    for _ in range(3):
+        assert decrypt(broker, blob, unlimited.token).plaintext
+    code, _ = code_of(lambda: issue(broker, key_id, max_uses=10_001))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_use_limit_claim_is_signed(broker: Broker, setup) -> None:  # type: ignore[no-untyped-def]
+    """The limit lives in the signed claims: a token whose limit is stripped does not verify."""
+    key_id, blob = setup
+    token = issue(broker, key_id, max_uses=1).token
+    head, body, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    claims["scope"]["max_uses"] = 0
+    forged = f"{head}.{b64(json.dumps(claims).encode())}.{sig}"
+    assert_refused(broker, blob, forged)

@@ -34,3 +34,19 @@ def test_revocation_on_one_broker_is_refused_by_the_other(hsm_home: Path, tmp_pa
     finally:
         a.close()
         b.close()
+
+
+def test_use_limit_is_counted_across_brokers(hsm_home: Path, tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    a = start_broker(hsm_home, database=db)
+    b = start_broker(hsm_home, database=db)
+    try:
+        key_id = create_key(a)
+        dk = datakey(a, key_id)
+        token = issue(a, key_id, max_uses=1).token
+        assert decrypt(a, dk.wrapped_key, token).plaintext == dk.plaintext_key
+        code, _ = code_of(lambda: decrypt(b, dk.wrapped_key, token))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        a.close()
+        b.close()

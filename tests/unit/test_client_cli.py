@@ -585,6 +585,7 @@ def test_token_issue_json(home: Path, fake: FakeBroker) -> None:
         "token": "eyJ.eyJ.sig",
         "token_id": "tid-7",
         "expire_time": "2030-05-06T07:08:09Z",
+        "max_uses": 0,
     }
 
 

@@ -759,6 +759,13 @@ def token() -> None:
     metavar="PEMFILE",
     help="With --subject: that principal's certificate; the token is bound to it.",
 )
+@click.option(
+    "--max-uses",
+    type=click.IntRange(0, 10_000),
+    default=0,
+    show_default=True,
+    help="How many decrypts the token allows; 0 means no limit within its lifetime.",
+)
 @_json_flag
 @click.pass_context
 def token_issue(
@@ -770,6 +777,7 @@ def token_issue(
     ttl: timedelta | None,
     subject: str | None,
     subject_cert: str | None,
+    max_uses: int,
 ) -> None:
     """Issue a token for KEY_ID and print only the token, so that a shell can capture it:
 
@@ -797,12 +805,20 @@ def token_issue(
         ttl=ttl,
         subject=subject or "",
         subject_cert_thumbprint=thumbprint,
+        max_uses=max_uses,
     )
     if state.json:
         expire = (
             issued.expire_time.isoformat().replace("+00:00", "Z") if issued.expire_time else None
         )
-        _echo_json({"token": issued.token, "token_id": issued.token_id, "expire_time": expire})
+        _echo_json(
+            {
+                "token": issued.token,
+                "token_id": issued.token_id,
+                "expire_time": expire,
+                "max_uses": issued.max_uses,
+            }
+        )
     else:
         click.echo(issued.token)
 

@@ -120,11 +120,13 @@ class IssuedToken:
         token: the signed JWT to pass to :meth:`KeybrokerClient.decrypt`; kept out of ``repr``.
         token_id: the token's ``jti``, for :meth:`KeybrokerClient.revoke_token`.
         expire_time: when the token stops being accepted (UTC).
+        max_uses: how many ``Decrypt`` calls the token allows; 0 means no limit.
     """
 
     token: str = field(repr=False)
     token_id: str
     expire_time: datetime | None
+    max_uses: int = 0
 
 
 def cert_thumbprint(pem_bytes: bytes) -> str:
@@ -409,6 +411,7 @@ class KeybrokerClient:
         ttl: DurationLike | None = None,
         subject: str = "",
         subject_cert_thumbprint: str = "",
+        max_uses: int = 0,
     ) -> IssuedToken:
         """Issues a decryption token bound to a client certificate.
 
@@ -420,6 +423,7 @@ class KeybrokerClient:
             subject: admin only, the principal to issue for.
             subject_cert_thumbprint: admin only, with ``subject``: the ``x5t#S256`` of the
                 subject's certificate (see :func:`cert_thumbprint`).
+            max_uses: how many ``Decrypt`` calls the token allows (0: no limit).
         """
         request = tokens_pb2.IssueTokenRequest(
             key_id=key_id,
@@ -427,6 +431,7 @@ class KeybrokerClient:
             justification=justification,
             subject=subject,
             subject_cert_thumbprint=subject_cert_thumbprint,
+            max_uses=max_uses,
         )
         if ttl is not None:
             request.ttl.CopyFrom(_duration(ttl))
@@ -436,7 +441,12 @@ class KeybrokerClient:
             if response.HasField("expire_time")
             else None
         )
-        return IssuedToken(token=response.token, token_id=response.token_id, expire_time=expire)
+        return IssuedToken(
+            token=response.token,
+            token_id=response.token_id,
+            expire_time=expire,
+            max_uses=response.max_uses,
+        )
 
     def revoke_token(self, token_id: str) -> None:
         """Revokes a token everywhere. Admin, or the token's subject."""

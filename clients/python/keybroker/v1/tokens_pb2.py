@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keybroker/v1/tokens.proto\x12\x0ckeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x11IssueTokenRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12=\n\x07\x63ontext\x18\x02 \x03(\x0b\x32,.keybroker.v1.IssueTokenRequest.ContextEntry\x12\x15\n\rjustification\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x1f\n\x17subject_cert_thumbprint\x18\x06 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x12IssueTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"\x17\n\x15GetSigningKeysRequest\"+\n\x16GetSigningKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\x8a\x02\n\x06Tokens\x12O\n\nIssueToken\x12\x1f.keybroker.v1.IssueTokenRequest\x1a .keybroker.v1.IssueTokenResponse\x12R\n\x0bRevokeToken\x12 .keybroker.v1.RevokeTokenRequest\x1a!.keybroker.v1.RevokeTokenResponse\x12[\n\x0eGetSigningKeys\x12#.keybroker.v1.GetSigningKeysRequest\x1a$.keybroker.v1.GetSigningKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keybroker/v1/tokens.proto\x12\x0ckeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x02\n\x11IssueTokenRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12=\n\x07\x63ontext\x18\x02 \x03(\x0b\x32,.keybroker.v1.IssueTokenRequest.ContextEntry\x12\x15\n\rjustification\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x1f\n\x17subject_cert_thumbprint\x18\x06 \x01(\t\x12\x10\n\x08max_uses\x18\x07 \x01(\r\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"x\n\x12IssueTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08max_uses\x18\x04 \x01(\r\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse\"\x17\n\x15GetSigningKeysRequest\"+\n\x16GetSigningKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\x8a\x02\n\x06Tokens\x12O\n\nIssueToken\x12\x1f.keybroker.v1.IssueTokenRequest\x1a .keybroker.v1.IssueTokenResponse\x12R\n\x0bRevokeToken\x12 .keybroker.v1.RevokeTokenRequest\x1a!.keybroker.v1.RevokeTokenResponse\x12[\n\x0eGetSigningKeys\x12#.keybroker.v1.GetSigningKeysRequest\x1a$.keybroker.v1.GetSigningKeysResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ISSUETOKENREQUEST']._serialized_start=109
-  _globals['_ISSUETOKENREQUEST']._serialized_end=368
-  _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._serialized_start=322
-  _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._serialized_end=368
-  _globals['_ISSUETOKENRESPONSE']._serialized_start=370
-  _globals['_ISSUETOKENRESPONSE']._serialized_end=472
-  _globals['_REVOKETOKENREQUEST']._serialized_start=474
-  _globals['_REVOKETOKENREQUEST']._serialized_end=512
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=514
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=535
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=537
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=560
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=562
-  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=605
-  _globals['_TOKENS']._serialized_start=608
-  _globals['_TOKENS']._serialized_end=874
+  _globals['_ISSUETOKENREQUEST']._serialized_end=386
+  _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._serialized_start=340
+  _globals['_ISSUETOKENREQUEST_CONTEXTENTRY']._serialized_end=386
+  _globals['_ISSUETOKENRESPONSE']._serialized_start=388
+  _globals['_ISSUETOKENRESPONSE']._serialized_end=508
+  _globals['_REVOKETOKENREQUEST']._serialized_start=510
+  _globals['_REVOKETOKENREQUEST']._serialized_end=548
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=550
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=571
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=573
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=596
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_start=598
+  _globals['_GETSIGNINGKEYSRESPONSE']._serialized_end=641
+  _globals['_TOKENS']._serialized_start=644
+  _globals['_TOKENS']._serialized_end=910
 # @@protoc_insertion_point(module_scope)
