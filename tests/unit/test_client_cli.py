@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,41 +26,29 @@ from keybroker_client.errors import (
     Unavailable,
 )
 
-from tests.unit.test_client_sdk import (
-    KEYBROKER_ENV,
+from tests.unit.client_fakes import (
     Abort,
     FakeBroker,
     Pki,
     closed_port,
     make_key,
     make_pki,
-    serve_fake_broker,
 )
 
 SECRET_KEY = bytes(range(100, 132))
 SECRET_B64 = base64.b64encode(SECRET_KEY).decode()
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in KEYBROKER_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def cli_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("clihome"))
+@pytest.fixture
+def fake(fake_broker: FakeBroker) -> FakeBroker:
+    """The conftest's fake broker, under the short name these tests use."""
+    return fake_broker
 
 
 @pytest.fixture
-def fake(cli_pki: Pki) -> Iterator[FakeBroker]:
-    yield from serve_fake_broker(cli_pki)
-
-
-@pytest.fixture
-def home(tmp_path: Path, cli_pki: Pki, fake: FakeBroker) -> Path:
+def home(tmp_path: Path, client_pki: Pki, fake: FakeBroker) -> Path:
     """A broker home as `make run` leaves it: pki/ and listen.addr naming the fake broker."""
-    (tmp_path / "pki").symlink_to(cli_pki.dir, target_is_directory=True)
+    (tmp_path / "pki").symlink_to(client_pki.dir, target_is_directory=True)
     (tmp_path / "listen.addr").write_text(fake.target + "\n")
     return tmp_path
 
@@ -213,18 +200,18 @@ def test_as_picks_the_identity_the_broker_sees(home: Path, fake: FakeBroker) -> 
     ]
 
 
-def test_explicit_target_and_files(tmp_path: Path, cli_pki: Pki, fake: FakeBroker) -> None:
+def test_explicit_target_and_files(tmp_path: Path, client_pki: Pki, fake: FakeBroker) -> None:
     # No listen.addr and no pki/ under this home: everything comes from flags.
     result = run(
         tmp_path,
         "--target",
         fake.target,
         "--ca",
-        str(cli_pki.dir / "ca.pem"),
+        str(client_pki.dir / "ca.pem"),
         "--cert",
-        str(cli_pki.dir / "producer.pem"),
+        str(client_pki.dir / "producer.pem"),
         "--key",
-        str(cli_pki.dir / "producer.key"),
+        str(client_pki.dir / "producer.key"),
         "keys",
         "show",
         "k",
@@ -303,8 +290,8 @@ def test_other_status_is_reported_too(home: Path, fake: FakeBroker) -> None:
     assert result.stderr == "keybroker: INTERNAL: internal error\n"
 
 
-def test_unreachable_broker_suggests_make_run(tmp_path: Path, cli_pki: Pki) -> None:
-    (tmp_path / "pki").symlink_to(cli_pki.dir, target_is_directory=True)
+def test_unreachable_broker_suggests_make_run(tmp_path: Path, client_pki: Pki) -> None:
+    (tmp_path / "pki").symlink_to(client_pki.dir, target_is_directory=True)
     target = f"127.0.0.1:{closed_port()}"
     result = run(tmp_path, "--target", target, "--timeout", "5", "keys", "list")
     assert result.exit_code == EXIT_CODES[Unavailable]
@@ -590,10 +577,10 @@ def test_token_issue_json(home: Path, fake: FakeBroker) -> None:
 
 
 def test_token_issue_for_a_subject_sends_its_thumbprint(
-    home: Path, fake: FakeBroker, cli_pki: Pki
+    home: Path, fake: FakeBroker, client_pki: Pki
 ) -> None:
     _canned_token(fake)
-    cert = cli_pki.dir / "consumer.pem"
+    cert = client_pki.dir / "consumer.pem"
     result = run(
         home,
         "token",
