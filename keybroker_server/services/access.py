@@ -96,13 +96,12 @@ class Access:
     @staticmethod
     def require_usable(key: Key) -> None:
         """Raises FailedPrecondition unless the key is enabled."""
-        if key.state is not KeyState.ENABLED:
-            raise FailedPrecondition(
-                f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}; "
-                "an admin must enable it first"
-                if key.state is KeyState.DISABLED
-                else f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}"
-            )
+        if key.state is KeyState.ENABLED:
+            return
+        message = f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}"
+        if key.state is KeyState.DISABLED:
+            message += "; an admin must enable it first"
+        raise FailedPrecondition(message)
 
 
 class RateLimiter:

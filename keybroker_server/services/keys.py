@@ -6,6 +6,7 @@ import base64
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 
 from keybroker_server.domain import (
@@ -247,8 +248,7 @@ class KeyService:
             self._access.require_admin(caller)
             return self._update(validate_key_id(key_id), change)
 
-    def _update(self, key_id: str, change: object) -> Key:
-        assert callable(change)
+    def _update(self, key_id: str, change: Callable[[Key], Key]) -> Key:
         for _ in range(CAS_ATTEMPTS):
             key = self._store.get_key(key_id)
             try:

@@ -282,3 +282,25 @@ def test_hsm_fault_is_unavailable_then_recovers(broker: Broker, ckr: str) -> Non
         assert dk.plaintext_key.hex() not in msg
         # The next call succeeds on a fresh session.
         assert call()
+
+
+def test_plaintext_listener_only_when_configured_and_loudly(
+    hsm_home, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """Invariant 3: no plaintext port by default; configuring one logs a warning."""
+    from keybroker_server.config import Settings
+
+    assert Settings(home=tmp_path).insecure_listen == ""
+    b = start_broker(hsm_home, database=tmp_path / "a.db")
+    try:
+        assert b.running.insecure_port == 0
+    finally:
+        b.close()
+    assert "PLAINTEXT" not in caplog.text
+    b = start_broker(hsm_home, database=tmp_path / "b.db", insecure_listen="127.0.0.1:0")
+    try:
+        assert b.running.insecure_port > 0
+    finally:
+        b.close()
+    warnings = [r for r in caplog.records if "PLAINTEXT LISTENER" in r.getMessage()]
+    assert warnings and warnings[0].levelname == "WARNING"
