@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml | system-deps
 
 deps: system-deps $(STAMP)
 
-node_modules/.bin/buf: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+BUF := protos/node_modules/.bin/buf
+
+$(BUF): protos/package.json protos/package-lock.json
+	cd protos && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: deps
@@ -46,16 +48,15 @@ proto: deps
 	$(PY) -m grpc_tools.protoc -I protos --python_out=clients/python --pyi_out=clients/python \
 	  --grpc_python_out=clients/python $(PROTOS)
 
-lint: deps node_modules/.bin/buf
-	node_modules/.bin/buf lint
+lint: deps $(BUF)
+	cd protos && node_modules/.bin/buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) scripts/check_stubs.py
 
 bench: deps
-	$(PY) scripts/bench.py
+	$(PY) -m tests.bench.bench
 
 clean:
-	rm -rf $(VENV) node_modules
+	rm -rf $(VENV) protos/node_modules

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import PyKCS11
 
-from keybroker_server.adapters.pkcs11_hsm import Pkcs11Library
+from broker.adapters.pkcs11_hsm import Pkcs11Library
 
 #: Where distributions install the SoftHSM2 PKCS#11 module, searched in order.
 SOFTHSM_MODULE_PATHS: tuple[str, ...] = (

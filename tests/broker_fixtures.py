@@ -16,11 +16,11 @@ import grpc
 import pytest
 from keybroker.v1 import audit_pb2_grpc, crypto_pb2_grpc, key_admin_pb2_grpc, tokens_pb2_grpc
 
-from keybroker_server.app import App, build_app
-from keybroker_server.clock import SystemClock
-from keybroker_server.config import HsmConfig, Settings, validate
-from keybroker_server.ports import AuditStore
-from keybroker_server.transport.server import RunningServer, create_server
+from broker.app import App, build_app
+from broker.clock import SystemClock
+from broker.config import HsmConfig, Settings, validate
+from broker.ports import AuditStore
+from broker.transport.server import RunningServer, create_server
 
 
 class ShiftableClock:

@@ -22,9 +22,9 @@ from pathlib import Path
 import PyKCS11
 import pytest
 
+from broker.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
+from broker.ports import HsmInfo
 from hsm_sim.softhsm import SoftHsmToken, ensure_token
-from keybroker_server.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
-from keybroker_server.ports import HsmInfo
 
 #: Label of the session's main token.
 TOKEN_LABEL = "keybroker"

@@ -11,14 +11,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keybroker_server.errors import (
+from broker.errors import (
     AlreadyExists,
     DecryptionFailed,
     HsmObjectMissing,
     HsmUnavailable,
 )
-from keybroker_server.ports import HsmInfo
-from keybroker_server.services.templates import KEK_TEMPLATE, SIGNING_TEMPLATE
+from broker.ports import HsmInfo
+from broker.services.templates import KEK_TEMPLATE, SIGNING_TEMPLATE
 
 
 class FakeHsm:

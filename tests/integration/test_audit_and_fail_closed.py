@@ -11,9 +11,9 @@ import grpc
 import pytest
 from keybroker.v1 import audit_pb2, key_admin_pb2
 
-from keybroker_server.adapters.sqlite_store import SqliteStore
-from keybroker_server.domain import AuditEvent, AuditFilter
-from keybroker_server.errors import AuditUnavailable
+from broker.adapters.sqlite_store import SqliteStore
+from broker.domain import AuditEvent, AuditFilter
+from broker.errors import AuditUnavailable
 from tests.broker_fixtures import Broker, start_broker
 from tests.integration.flows import (
     code_of,

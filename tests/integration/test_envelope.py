@@ -6,7 +6,7 @@ import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from keybroker.v1 import crypto_pb2, key_admin_pb2, resources_pb2
 
-from keybroker_server import blob as blobs
+from broker import blob as blobs
 from tests.broker_fixtures import Broker
 from tests.integration.flows import (
     CTX,

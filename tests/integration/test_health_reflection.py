@@ -43,8 +43,8 @@ def test_health_per_service_and_graceful_stop(hsm_home: Path, tmp_path: Path) ->
 def test_health_follows_the_hsm(hsm_home: Path, tmp_path: Path) -> None:
     import PyKCS11
 
+    from broker.transport.server import HealthMonitor
     from hsm_sim.softhsm import FailOnCall
-    from keybroker_server.transport.server import HealthMonitor
 
     b = start_broker(hsm_home, database=tmp_path / "m.db")
     try:

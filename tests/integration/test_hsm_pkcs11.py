@@ -18,6 +18,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
+from broker.adapters.pkcs11_hsm import (
+    Pkcs11Hsm,
+    Pkcs11Library,
+    pack_mechanisms,
+    unpack_mechanisms,
+)
+from broker.errors import (
+    AlreadyExists,
+    DecryptionFailed,
+    HsmObjectMissing,
+    HsmUnavailable,
+    InvalidArgument,
+)
 from hsm_sim.softhsm import (
     FailOnCall,
     SoftHsmToken,
@@ -25,19 +38,6 @@ from hsm_sim.softhsm import (
     find_softhsm_module,
     read_pin,
     write_softhsm_conf,
-)
-from keybroker_server.adapters.pkcs11_hsm import (
-    Pkcs11Hsm,
-    Pkcs11Library,
-    pack_mechanisms,
-    unpack_mechanisms,
-)
-from keybroker_server.errors import (
-    AlreadyExists,
-    DecryptionFailed,
-    HsmObjectMissing,
-    HsmUnavailable,
-    InvalidArgument,
 )
 from tests.hsm_fixtures import (  # noqa: F401  (pytest fixtures)
     US_INFO,
@@ -700,7 +700,7 @@ def test_failed_call_is_unavailable_and_the_next_uses_a_fresh_session(
     run()  # a warm pool and cached handles
     fault = FailOnCall(nth=1, code=code, names=frozenset({operation}))
     hsm.fault_hook = fault
-    caplog.set_level(logging.WARNING, logger="keybroker_server.adapters.pkcs11_hsm")
+    caplog.set_level(logging.WARNING, logger="broker.adapters.pkcs11_hsm")
     with pytest.raises(HsmUnavailable) as failed:
         run()
     assert fault.failed == 1

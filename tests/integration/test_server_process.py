@@ -17,7 +17,7 @@ from keybroker.v1 import key_admin_pb2, key_admin_pb2_grpc
 
 from tests.integration.flows import standard_policy
 
-SERVER = [sys.executable, "-m", "keybroker_server"]
+SERVER = [sys.executable, "-m", "broker"]
 
 
 def start(home: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

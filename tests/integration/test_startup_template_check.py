@@ -8,10 +8,10 @@ from pathlib import Path
 import PyKCS11
 import pytest
 
+from broker.adapters.pkcs11_hsm import Pkcs11Library
+from broker.app import build_app
+from broker.services.templates import WeakKeyError
 from hsm_sim.softhsm import SoftHsmToken
-from keybroker_server.adapters.pkcs11_hsm import Pkcs11Library
-from keybroker_server.app import build_app
-from keybroker_server.services.templates import WeakKeyError
 from tests.broker_fixtures import broker_settings, start_broker
 from tests.hsm_fixtures import raw_session
 from tests.integration.flows import create_key

@@ -188,7 +188,7 @@ def test_unknown_key_and_version_are_not_found(broker: Broker) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = code_of(lambda: datakey(broker, "nope"))
     assert code == grpc.StatusCode.NOT_FOUND
-    from keybroker_server import blob as blobs
+    from broker import blob as blobs
 
     key_id = create_key(broker)
     dk = datakey(broker, key_id)
@@ -288,7 +288,7 @@ def test_plaintext_listener_only_when_configured_and_loudly(
     hsm_home, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     """Invariant 3: no plaintext port by default; configuring one logs a warning."""
-    from keybroker_server.config import Settings
+    from broker.config import Settings
 
     assert Settings(home=tmp_path).insecure_listen == ""
     b = start_broker(hsm_home, database=tmp_path / "a.db")

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.duration_pb2 import Duration
 from keybroker.v1 import key_admin_pb2, tokens_pb2
 
-from keybroker_server.services.signing import TOKEN_PURPOSE
+from broker.services.signing import TOKEN_PURPOSE
 from tests.broker_fixtures import Broker
 from tests.integration.flows import (
     CTX,

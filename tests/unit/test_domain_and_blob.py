@@ -6,15 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keybroker_server import blob as blobs
-from keybroker_server.domain import (
+from broker import blob as blobs
+from broker.domain import (
     Grant,
     Operation,
     canonical_context,
     validate_context,
     validate_key_id,
 )
-from keybroker_server.errors import InvalidArgument
+from broker.errors import InvalidArgument
 
 text = st.text(
     st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12

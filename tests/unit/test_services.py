@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from keybroker_server.adapters.sqlite_store import SqliteStore
-from keybroker_server.domain import Caller, Grant, KeyPolicy, Operation, Outcome, Role
-from keybroker_server.errors import (
+from broker.adapters.sqlite_store import SqliteStore
+from broker.domain import Caller, Grant, KeyPolicy, Operation, Outcome, Role
+from broker.errors import (
     AuditUnavailable,
     ConcurrentModification,
     FailedPrecondition,
@@ -18,12 +18,12 @@ from keybroker_server.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from keybroker_server.services.access import Access, RateLimiter
-from keybroker_server.services.audit import AuditLog
-from keybroker_server.services.crypto import CryptoService
-from keybroker_server.services.keys import KeyService, validate_policy
-from keybroker_server.services.signing import TOKEN_PURPOSE, SigningKeys
-from keybroker_server.services.tokens import TokenService
+from broker.services.access import Access, RateLimiter
+from broker.services.audit import AuditLog
+from broker.services.crypto import CryptoService
+from broker.services.keys import KeyService, validate_policy
+from broker.services.signing import TOKEN_PURPOSE, SigningKeys
+from broker.services.tokens import TokenService
 from tests.fakes.hsm import FakeHsm
 
 ADMIN = Caller("admin", "A" * 43, "r1")
@@ -202,13 +202,13 @@ def test_audit_records_stay_bounded_for_refused_input(world: World) -> None:
 
 
 def test_audit_listing_pages_through_long_trails(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import keybroker_server.adapters.sqlite_store as sqlite_store
+    import broker.adapters.sqlite_store as sqlite_store
 
     monkeypatch.setattr(sqlite_store, "PAGE", 3)
     for _ in range(10):
         with pytest.raises(PermissionDenied):
             world.keys.create(PRODUCER, "k", "", POLICY, None, "")
-    from keybroker_server.domain import AuditFilter
+    from broker.domain import AuditFilter
 
     assert [e.sequence for e in world.store.all_events()] == list(range(1, 11))
     assert [e.sequence for e in world.store.events(AuditFilter(after_sequence=2, limit=7))] == list(

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import click
 
-from keybroker_server import logs
-from keybroker_server.app import build_app
-from keybroker_server.config import ConfigError, load_settings
-from keybroker_server.transport.server import HealthMonitor, create_server
+from broker import logs
+from broker.app import build_app
+from broker.config import ConfigError, load_settings
+from broker.transport.server import HealthMonitor, create_server
 
-log = logging.getLogger("keybroker_server")
+log = logging.getLogger("broker")
 
 
 def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -> str:

@@ -1,7 +1,7 @@
 """Contracts between the services and the adapters (PKCS#11, SQLite, PostgreSQL).
 
 Each port is a `typing.Protocol`; tests hold fakes of them in `tests/fakes/`. Adapters raise
-only the domain exceptions of `keybroker_server.errors`.
+only the domain exceptions of `broker.errors`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from keybroker_server.domain import AuditEvent, AuditFilter, Key
+from broker.domain import AuditEvent, AuditFilter, Key
 
 
 @dataclass(frozen=True, slots=True)

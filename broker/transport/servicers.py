@@ -17,14 +17,14 @@ from keybroker.v1 import (
     tokens_pb2_grpc,
 )
 
-from keybroker_server.domain import AuditFilter
-from keybroker_server.errors import Unimplemented
-from keybroker_server.services.audit import AuditReader
-from keybroker_server.services.crypto import CryptoService
-from keybroker_server.services.keys import KeyService
-from keybroker_server.services.tokens import TokenService
-from keybroker_server.transport.auth import caller_of
-from keybroker_server.transport.convert import (
+from broker.domain import AuditFilter
+from broker.errors import Unimplemented
+from broker.services.audit import AuditReader
+from broker.services.crypto import CryptoService
+from broker.services.keys import KeyService
+from broker.services.tokens import TokenService
+from broker.transport.auth import caller_of
+from broker.transport.convert import (
     event_to_pb,
     from_dur,
     from_ts,

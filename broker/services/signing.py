@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import Algorithm, ECAlgorithm
 from jwt.api_jws import PyJWS
 
-from keybroker_server.errors import HsmObjectMissing
-from keybroker_server.ports import Hsm, SigningKeyStore
+from broker.errors import HsmObjectMissing
+from broker.ports import Hsm, SigningKeyStore
 
 log = logging.getLogger(__name__)
 

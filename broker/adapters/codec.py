@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from keybroker_server.domain import Grant, Key, KeyPolicy, KeyState, KeyVersion, Operation
+from broker.domain import Grant, Key, KeyPolicy, KeyState, KeyVersion, Operation
 
 
 def dt_to_str(value: datetime | None) -> str | None:

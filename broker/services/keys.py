@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Callable
 from datetime import timedelta
 
-from keybroker_server.domain import (
+from broker.domain import (
     Caller,
     Key,
     KeyPolicy,
@@ -18,7 +18,7 @@ from keybroker_server.domain import (
     validate_context,
     validate_key_id,
 )
-from keybroker_server.errors import (
+from broker.errors import (
     AlreadyExists,
     ConcurrentModification,
     FailedPrecondition,
@@ -26,9 +26,9 @@ from keybroker_server.errors import (
     NotFound,
     StoreUnavailable,
 )
-from keybroker_server.ports import Clock, Hsm, KeyStore
-from keybroker_server.services.access import Access, RateLimiter
-from keybroker_server.services.audit import AuditLog
+from broker.ports import Clock, Hsm, KeyStore
+from broker.services.access import Access, RateLimiter
+from broker.services.audit import AuditLog
 
 log = logging.getLogger(__name__)
 

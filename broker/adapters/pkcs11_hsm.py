@@ -9,7 +9,7 @@ Two classes:
   from `CKR_*` codes to domain errors, a per-process cache of object handles, and the key
   templates of invariant 1 (DESIGN.md).
 
-Only the exceptions of `keybroker_server.errors` leave `Pkcs11Hsm` (plus `RuntimeError` for
+Only the exceptions of `broker.errors` leave `Pkcs11Hsm` (plus `RuntimeError` for
 misuse such as a call from a forked child). Every PKCS#11 failure is logged with the CKR name as
 a structured field; never a PIN, a key or plaintext.
 """
@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import PyKCS11
 from PyKCS11 import LowLevel
 
-from keybroker_server.errors import (
+from broker.errors import (
     AlreadyExists,
     DecryptionFailed,
     FailedPrecondition,
@@ -40,7 +40,7 @@ from keybroker_server.errors import (
     HsmUnavailable,
     InvalidArgument,
 )
-from keybroker_server.ports import HsmInfo
+from broker.ports import HsmInfo
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from keybroker_server.errors import KeybrokerError
-from keybroker_server.transport.auth import request_id_from, request_id_var
-from keybroker_server.transport.status import status_for
+from broker.errors import KeybrokerError
+from broker.transport.auth import request_id_from, request_id_var
+from broker.transport.status import status_for
 
 log = logging.getLogger(__name__)
 

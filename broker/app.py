@@ -8,23 +8,23 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
+from broker.adapters.sqlite_store import SqliteStore
+from broker.clock import SystemClock
+from broker.config import DEV_IDENTITIES, HsmConfig, Settings
+from broker.devpki import ensure_dev_pki
+from broker.domain import Role
+from broker.errors import Unavailable
+from broker.ports import AuditStore, Clock, Hsm, HsmInfo
+from broker.services.access import Access, RateLimiter
+from broker.services.audit import AuditLog, AuditReader
+from broker.services.crypto import CryptoService
+from broker.services.keys import KeyService
+from broker.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
+from broker.services.templates import check_templates
+from broker.services.tokens import TokenService
+from broker.transport.server import Services, TlsMaterial
 from hsm_sim import softhsm
-from keybroker_server.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
-from keybroker_server.adapters.sqlite_store import SqliteStore
-from keybroker_server.clock import SystemClock
-from keybroker_server.config import DEV_IDENTITIES, HsmConfig, Settings
-from keybroker_server.devpki import ensure_dev_pki
-from keybroker_server.domain import Role
-from keybroker_server.errors import Unavailable
-from keybroker_server.ports import AuditStore, Clock, Hsm, HsmInfo
-from keybroker_server.services.access import Access, RateLimiter
-from keybroker_server.services.audit import AuditLog, AuditReader
-from keybroker_server.services.crypto import CryptoService
-from keybroker_server.services.keys import KeyService
-from keybroker_server.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
-from keybroker_server.services.templates import check_templates
-from keybroker_server.services.tokens import TokenService
-from keybroker_server.transport.server import Services, TlsMaterial
 
 log = logging.getLogger(__name__)
 

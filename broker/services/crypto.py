@@ -6,8 +6,8 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from keybroker_server import blob as blobs
-from keybroker_server.domain import (
+from broker import blob as blobs
+from broker.domain import (
     Caller,
     Key,
     Operation,
@@ -15,16 +15,16 @@ from keybroker_server.domain import (
     validate_context,
     validate_key_id,
 )
-from keybroker_server.errors import (
+from broker.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
 )
-from keybroker_server.ports import Hsm, KeyStore
-from keybroker_server.services.access import Access, RateLimiter
-from keybroker_server.services.audit import AuditLog
-from keybroker_server.services.tokens import TokenService
+from broker.ports import Hsm, KeyStore
+from broker.services.access import Access, RateLimiter
+from broker.services.audit import AuditLog
+from broker.services.tokens import TokenService
 
 DATA_KEY_BYTES = 32
 

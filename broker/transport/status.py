@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from keybroker_server import errors
+from broker import errors
 
 #: Most specific first: the first class an error is an instance of decides its code.
 STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = (

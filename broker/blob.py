@@ -23,8 +23,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from keybroker_server.domain import KEY_ID_PATTERN, canonical_context
-from keybroker_server.errors import InvalidArgument
+from broker.domain import KEY_ID_PATTERN, canonical_context
+from broker.errors import InvalidArgument
 
 MAGIC = b"KB"
 FORMAT_VERSION = 1

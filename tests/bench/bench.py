@@ -94,11 +94,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=4)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    server = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+    server = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "keybroker_server",
+            "broker",
             "--home",
             str(home),
             "--listen",

@@ -8,7 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from keybroker.v1 import resources_pb2 as pb
 
-from keybroker_server.domain import (
+from broker.domain import (
     AuditEvent,
     Grant,
     Key,
@@ -17,7 +17,7 @@ from keybroker_server.domain import (
     Operation,
     Outcome,
 )
-from keybroker_server.errors import InvalidArgument
+from broker.errors import InvalidArgument
 
 _OPS = {
     pb.OPERATION_ENCRYPT: Operation.ENCRYPT,

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from keybroker_server.domain import Caller
-from keybroker_server.errors import Unauthenticated
+from broker.domain import Caller
+from broker.errors import Unauthenticated
 
 #: The request id of the call this thread serves, for log records.
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")

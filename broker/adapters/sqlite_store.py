@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from keybroker_server.adapters.codec import dt_to_str, key_from_json, key_to_json, str_to_dt
-from keybroker_server.domain import AuditEvent, AuditFilter, Key, Outcome
-from keybroker_server.errors import (
+from broker.adapters.codec import dt_to_str, key_from_json, key_to_json, str_to_dt
+from broker.domain import AuditEvent, AuditFilter, Key, Outcome
+from broker.errors import (
     AlreadyExists,
     AuditUnavailable,
     ConcurrentModification,

@@ -14,7 +14,7 @@ from typing import Any
 
 import jwt
 
-from keybroker_server.domain import (
+from broker.domain import (
     Caller,
     Operation,
     Role,
@@ -22,18 +22,18 @@ from keybroker_server.domain import (
     validate_context,
     validate_key_id,
 )
-from keybroker_server.errors import (
+from broker.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
 )
-from keybroker_server.ports import Clock, KeyStore, RevocationStore
-from keybroker_server.services.access import Access, RateLimiter
-from keybroker_server.services.audit import AuditLog
-from keybroker_server.services.keys import MAX_TOKEN_TTL
-from keybroker_server.services.signing import TOKEN_PURPOSE, SigningKeys
+from broker.ports import Clock, KeyStore, RevocationStore
+from broker.services.access import Access, RateLimiter
+from broker.services.audit import AuditLog
+from broker.services.keys import MAX_TOKEN_TTL
+from broker.services.signing import TOKEN_PURPOSE, SigningKeys
 
 log = logging.getLogger(__name__)
 

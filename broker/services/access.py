@@ -6,15 +6,15 @@ import threading
 import time
 from collections.abc import Mapping
 
-from keybroker_server.domain import Caller, Grant, Key, KeyState, Operation, Role
-from keybroker_server.errors import (
+from broker.domain import Caller, Grant, Key, KeyState, Operation, Role
+from broker.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
-from keybroker_server.ports import Hsm
+from broker.ports import Hsm
 
 
 class Access:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from keybroker_server.errors import InvalidArgument, Unauthenticated
+from broker.errors import InvalidArgument, Unauthenticated
 
 KEY_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 MAX_CONTEXT_ENTRIES = 16

@@ -22,12 +22,12 @@ from keybroker.v1 import (
     tokens_pb2_grpc,
 )
 
-from keybroker_server.services.audit import AuditReader
-from keybroker_server.services.crypto import CryptoService
-from keybroker_server.services.keys import KeyService
-from keybroker_server.services.tokens import TokenService
-from keybroker_server.transport.interceptors import ErrorInterceptor
-from keybroker_server.transport.servicers import (
+from broker.services.audit import AuditReader
+from broker.services.crypto import CryptoService
+from broker.services.keys import KeyService
+from broker.services.tokens import TokenService
+from broker.transport.interceptors import ErrorInterceptor
+from broker.transport.servicers import (
     AuditServicer,
     CryptoServicer,
     KeyAdminServicer,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from keybroker_server.transport.auth import request_id_var
+from broker.transport.auth import request_id_var
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
 

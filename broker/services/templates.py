@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from keybroker_server.errors import HsmObjectMissing
-from keybroker_server.ports import Hsm, KeyStore
-from keybroker_server.services.signing import SigningKeys
+from broker.errors import HsmObjectMissing
+from broker.ports import Hsm, KeyStore
+from broker.services.signing import SigningKeys
 
 log = logging.getLogger(__name__)
 

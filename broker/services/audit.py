@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from keybroker_server.domain import (
+from broker.domain import (
     AuditEvent,
     AuditFilter,
     Caller,
@@ -15,9 +15,9 @@ from keybroker_server.domain import (
     audit_digest,
     validate_context,
 )
-from keybroker_server.errors import InvalidArgument, KeybrokerError, Unavailable
-from keybroker_server.ports import AuditStore, Clock
-from keybroker_server.services.access import Access
+from broker.errors import InvalidArgument, KeybrokerError, Unavailable
+from broker.ports import AuditStore, Clock
+from broker.services.access import Access
 
 log = logging.getLogger(__name__)
 
