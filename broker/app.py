@@ -4,14 +4,13 @@ adapters; everything else receives its collaborators through constructors."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
 from broker.adapters.sqlite_store import SqliteStore
 from broker.clock import SystemClock
-from broker.config import DEV_IDENTITIES, HsmConfig, Settings
+from broker.config import DEV_IDENTITIES, Settings
 from broker.devpki import ensure_dev_pki
 from broker.domain import Role
 from broker.errors import Unavailable
@@ -45,16 +44,6 @@ class App:
         self.store.close()
 
 
-def _pin(cfg: HsmConfig) -> str:
-    if cfg.pin_env:
-        pin = os.environ.get(cfg.pin_env, "")
-        if not pin:
-            raise RuntimeError(f"HSM {cfg.name!r}: environment variable {cfg.pin_env} is empty")
-        return pin
-    assert cfg.pin_file is not None
-    return softhsm.read_pin(cfg.pin_file)
-
-
 def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Library]]:
     """Loads each PKCS#11 module once, initialises development SoftHSM2 tokens if asked,
     and opens a session pool per configured token."""
@@ -72,7 +61,7 @@ def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Libra
             assert cfg.pin_file is not None
             softhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
-        hsm = Pkcs11Hsm(library, cfg.token_label, _pin(cfg), info, cfg.pool_size)
+        hsm = Pkcs11Hsm(library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size)
         try:
             hsm.check()  # log in now: a wrong PIN or a missing token stops the start
         except Unavailable as exc:

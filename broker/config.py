@@ -6,6 +6,7 @@ PINs never come from the command line: from a file (mode 0600) or an environment
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -46,6 +47,50 @@ class HsmConfig:
     pin_env: str | None = None
     softhsm_init: bool = False
     pool_size: int = 4
+
+    def read_pin(self, env: Mapping[str, str] | None = None) -> str:
+        """The user PIN: from the environment variable `pin_env` when set, else `pin_file`.
+
+        Raises:
+            ConfigError: the variable is empty, or the file is missing or unsafe.
+        """
+        env = os.environ if env is None else env
+        if self.pin_env:
+            pin = env.get(self.pin_env, "")
+            if not pin:
+                raise ConfigError(
+                    f"HSM {self.name!r}: environment variable {self.pin_env} is empty"
+                )
+            return pin
+        if self.pin_file is None:
+            raise ConfigError(f"HSM {self.name!r}: set pin_file or pin_env")
+        return read_pin_file(self.pin_file)
+
+
+def read_pin_file(pin_file: Path) -> str:
+    """Reads a PIN file, refusing one that others could read.
+
+    Raises:
+        ConfigError: the file is missing, not a regular file, readable by group or others,
+            or empty.
+    """
+    pin_file = Path(pin_file)
+    try:
+        info = pin_file.stat()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"PIN file {pin_file} does not exist") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"PIN file {pin_file} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"PIN file {pin_file} has mode {mode:04o}: group or others may read it; "
+            f"run `chmod 600 {pin_file}` (and consider the PIN exposed)"
+        )
+    pin = pin_file.read_text().strip()
+    if not pin:
+        raise ConfigError(f"PIN file {pin_file} is empty")
+    return pin
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import os
 import secrets
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import PyKCS11
 
 from broker.adapters.pkcs11_hsm import Pkcs11Library
+from broker.config import ConfigError, read_pin_file
 
 #: Where distributions install the SoftHSM2 PKCS#11 module, searched in order.
 SOFTHSM_MODULE_PATHS: tuple[str, ...] = (
@@ -131,7 +131,7 @@ class SoftHsmToken:
         conf_path: the softhsm2.conf the process uses (SOFTHSM2_CONF).
         module: path of the PKCS#11 module.
         label: the token label.
-        pin_file: file holding the user PIN (mode 0600); read it with `read_pin`.
+        pin_file: file holding the user PIN (mode 0600); read it with `broker.config.read_pin_file`.
         library: the process's one loaded module; pass it to `Pkcs11Hsm` and to further
             `ensure_token` calls.
     """
@@ -143,34 +143,8 @@ class SoftHsmToken:
     library: Pkcs11Library = field(repr=False, compare=False)
 
     def pin(self) -> str:
-        """The user PIN, read from `pin_file` (see `read_pin`)."""
-        return read_pin(self.pin_file)
-
-
-def read_pin(pin_file: Path) -> str:
-    """Reads a PIN file, refusing one that others could read.
-
-    Raises:
-        RuntimeError: the file is missing, not a regular file, readable by group or others,
-            or empty.
-    """
-    pin_file = Path(pin_file)
-    try:
-        info = pin_file.stat()
-    except FileNotFoundError as exc:
-        raise RuntimeError(f"PIN file {pin_file} does not exist") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise RuntimeError(f"PIN file {pin_file} is not a regular file")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise RuntimeError(
-            f"PIN file {pin_file} has mode {mode:04o}: group or others may read it; "
-            f"run `chmod 600 {pin_file}` (and consider the PIN exposed)"
-        )
-    pin = pin_file.read_text().strip()
-    if not pin:
-        raise RuntimeError(f"PIN file {pin_file} is empty")
-    return pin
+        """The user PIN, read from `pin_file` (see `broker.config.read_pin_file`)."""
+        return read_pin_file(self.pin_file)
 
 
 def _write_secret(path: Path, secret: str) -> None:
@@ -251,7 +225,10 @@ def ensure_token(
             )
 
         if label in library.tokens():
-            read_pin(pin_file)  # A token without its PIN is useless: say so now.
+            try:
+                read_pin_file(pin_file)  # A token without its PIN is useless: say so now.
+            except ConfigError as exc:
+                raise RuntimeError(str(exc)) from exc
             return SoftHsmToken(conf, module_path, label, pin_file, library)
 
         _initialise(library, label, pin_file)

@@ -24,6 +24,7 @@ from broker.adapters.pkcs11_hsm import (
     pack_mechanisms,
     unpack_mechanisms,
 )
+from broker.config import ConfigError, read_pin_file
 from broker.errors import (
     AlreadyExists,
     DecryptionFailed,
@@ -36,7 +37,6 @@ from hsm_sim.softhsm import (
     SoftHsmToken,
     ensure_token,
     find_softhsm_module,
-    read_pin,
     write_softhsm_conf,
 )
 from tests.hsm_fixtures import (  # noqa: F401  (pytest fixtures)
@@ -1008,18 +1008,18 @@ def test_read_pin_refuses_unsafe_files(tmp_path: Path) -> None:
     pin_file = tmp_path / "pin"
     pin_file.write_text("1234\n")
     pin_file.chmod(0o644)
-    with pytest.raises(RuntimeError, match="chmod 600"):
-        read_pin(pin_file)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_pin_file(pin_file)
     pin_file.chmod(0o640)
-    with pytest.raises(RuntimeError, match="group or others"):
-        read_pin(pin_file)
+    with pytest.raises(ConfigError, match="group or others"):
+        read_pin_file(pin_file)
     pin_file.chmod(0o600)
-    assert read_pin(pin_file) == "1234"
+    assert read_pin_file(pin_file) == "1234"
     pin_file.write_text("\n")
-    with pytest.raises(RuntimeError, match="empty"):
-        read_pin(pin_file)
-    with pytest.raises(RuntimeError, match="does not exist"):
-        read_pin(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="empty"):
+        read_pin_file(pin_file)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_pin_file(tmp_path / "missing")
 
 
 def test_existing_token_without_its_pin_file_is_refused(softhsm: Softhsm, tmp_path: Path) -> None:
