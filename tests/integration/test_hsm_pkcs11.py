@@ -39,16 +39,7 @@ from hsm_sim.softhsm import (
     find_softhsm_module,
     write_softhsm_conf,
 )
-from tests.hsm_fixtures import (  # noqa: F401  (pytest fixtures)
-    US_INFO,
-    hsm,
-    make_hsm,
-    raw_session,
-    softhsm,
-    softhsm_home,
-    softhsm_second,
-    unique_label,
-)
+from tests.hsm_fixtures import US_INFO, make_hsm, raw_session, unique_label
 
 Softhsm = tuple[Pkcs11Library, SoftHsmToken]
 
