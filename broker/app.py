@@ -4,10 +4,11 @@ adapters; everything else receives its collaborators through constructors."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from broker.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
+from broker import devhsm
+from broker.adapters.pkcs11 import Pkcs11Hsm, Pkcs11Library
 from broker.adapters.sqlite_store import SqliteStore
 from broker.clock import SystemClock
 from broker.config import DEV_IDENTITIES, Settings
@@ -20,10 +21,9 @@ from broker.services.audit import AuditLog, AuditReader
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService
 from broker.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
-from broker.services.templates import check_templates
-from broker.services.tokens import TokenService
+from broker.services.startup_check import check_templates
+from broker.services.tokens import TokenService, TokenSettings
 from broker.transport.server import Services, TlsMaterial
-from hsm_sim import softhsm
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ class App:
     hsms: dict[str, Hsm]
     signing: SigningKeys
     tls: TlsMaterial
-    libraries: dict[str, Pkcs11Library] = field(default_factory=dict)
 
     def close(self) -> None:
         for hsm in self.hsms.values():
@@ -44,22 +43,22 @@ class App:
         self.store.close()
 
 
-def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Library]]:
-    """Loads each PKCS#11 module once, initialises development SoftHSM2 tokens if asked,
-    and opens a session pool per configured token."""
+def open_hsms(settings: Settings) -> dict[str, Hsm]:
+    """Loads each PKCS#11 module once, initialises development SoftHSM2 tokens if asked
+    (`broker.devhsm`), and opens a session pool per configured token."""
     libraries: dict[str, Pkcs11Library] = {}
     hsms: dict[str, Hsm] = {}
     if any(not c.module for c in settings.hsms):
         # SoftHSM2 reads SOFTHSM2_CONF when the module is initialised: point it at HOME first.
-        softhsm.activate_softhsm_conf(settings.home)
+        devhsm.activate_softhsm_conf(settings.home)
     for cfg in settings.hsms:
-        module = cfg.module or softhsm.find_softhsm_module()
+        module = cfg.module or devhsm.find_softhsm_module()
         if module not in libraries:
             libraries[module] = Pkcs11Library.shared(module)
         library = libraries[module]
         if cfg.softhsm_init:
             assert cfg.pin_file is not None
-            softhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
+            devhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
         hsm = Pkcs11Hsm(library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size)
         try:
@@ -68,7 +67,7 @@ def open_hsms(settings: Settings) -> tuple[dict[str, Hsm], dict[str, Pkcs11Libra
             hsm.close()
             raise RuntimeError(f"HSM {cfg.name!r} (token {cfg.token_label!r}): {exc}") from exc
         hsms[cfg.name] = hsm
-    return hsms, libraries
+    return hsms
 
 
 def load_tls(settings: Settings) -> TlsMaterial:
@@ -98,10 +97,10 @@ def build_app(
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     clock = clock or SystemClock()
     tls = load_tls(settings)
-    hsms, libraries = open_hsms(settings)
+    hsms = open_hsms(settings)
     store = SqliteStore(settings.database or settings.home / "keybroker.db")
     try:
-        return _assemble(settings, clock, audit_store, tls, hsms, libraries, store)
+        return _assemble(settings, clock, audit_store, tls, hsms, store)
     except BaseException:
         # Nothing half-opened stays behind when the start fails (e.g. a weak key).
         for hsm in hsms.values():
@@ -116,7 +115,6 @@ def _assemble(
     audit_store: AuditStore | None,
     tls: TlsMaterial,
     hsms: dict[str, Hsm],
-    libraries: dict[str, Pkcs11Library],
     store: SqliteStore,
 ) -> App:
     roles: dict[str, frozenset[Role]] = {}
@@ -132,7 +130,14 @@ def _assemble(
     signing.ensure(AUDIT_PURPOSE, settings.default_hsm)
     check_templates(store, hsms, signing)
     tokens = TokenService(
-        store, store, access, audit, clock, signing, settings.issuer, settings.audience, limiter
+        TokenSettings(issuer=settings.issuer, audience=settings.audience),
+        keys=store,
+        revocations=store,
+        access=access,
+        audit=audit,
+        limiter=limiter,
+        clock=clock,
+        signing=signing,
     )
     services = Services(
         keys=KeyService(store, access, audit, clock, settings.default_hsm, limiter),
@@ -140,4 +145,4 @@ def _assemble(
         tokens=tokens,
         audit=AuditReader(audit, access),
     )
-    return App(settings, services, store, hsms, signing, tls, libraries)
+    return App(settings, services, store, hsms, signing, tls)

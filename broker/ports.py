@@ -6,6 +6,7 @@ only the domain exceptions of `broker.errors`.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,39 @@ class HsmInfo:
     operator: str
 
 
+class KeyKind(enum.Enum):
+    """The two kinds of HSM key the broker makes (DESIGN.md invariant 1)."""
+
+    #: An AES-256 key-encryption key: encrypts and decrypts with AES-GCM only.
+    KEK = "kek"
+    #: An ECDSA P-256 key pair: the private key signs only, the public key verifies only.
+    SIGNING = "signing"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyProperties:
+    """What an HSM holds under one label, compared with the template of the expected kind.
+
+    Attributes:
+        label: the objects' label.
+        kind: the kind of key the label was checked as.
+        objects: how many objects carry the label (1 for a KEK, 2 for a signing key pair).
+        problems: every way the objects fall short of the template the broker generates
+            keys of that kind with, in the HSM's own terms and naming the attribute (for
+            PKCS#11: "CKA_EXTRACTABLE=True (want False)"); empty for a key as generated.
+    """
+
+    label: str
+    kind: KeyKind
+    objects: int
+    problems: tuple[str, ...] = ()
+
+    @property
+    def as_generated(self) -> bool:
+        """True when nothing differs from the template."""
+        return not self.problems
+
+
 class Hsm(Protocol):
     """One HSM token reached through PKCS#11.
 
@@ -40,11 +74,10 @@ class Hsm(Protocol):
     info: HsmInfo
 
     def generate_kek(self, label: str) -> None:
-        """Generates an AES-256 key-encryption key inside the token.
-
-        The key is a token object with CKA_PRIVATE, CKA_SENSITIVE true; CKA_EXTRACTABLE,
-        CKA_MODIFIABLE, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE false;
-        CKA_ENCRYPT, CKA_DECRYPT true; CKA_ALLOWED_MECHANISMS = [CKM_AES_GCM].
+        """Generates an AES-256 key-encryption key inside the token, with the template of
+        `KeyKind.KEK`: a private, sensitive, non-extractable, non-modifiable token object
+        that encrypts and decrypts with AES-GCM and nothing else (no wrap, unwrap, sign,
+        verify or derive).
 
         Raises:
             AlreadyExists: an object with that label exists.
@@ -68,8 +101,8 @@ class Hsm(Protocol):
     def generate_signing_key(self, label: str) -> bytes:
         """Generates an ECDSA P-256 key pair inside the token; returns the public point.
 
-        The private key is a sensitive, non-extractable token object that signs only
-        (CKA_ALLOWED_MECHANISMS = [CKM_ECDSA]); the public key verifies only.
+        The template of `KeyKind.SIGNING`: the private key is a sensitive, non-extractable
+        token object that signs with raw ECDSA only; the public key verifies only.
         Returns the uncompressed SEC1 point (65 bytes).
         """
 
@@ -86,17 +119,15 @@ class Hsm(Protocol):
     def random(self, length: int) -> bytes:
         """`length` bytes from the token's RNG (C_GenerateRandom)."""
 
-    def has_object(self, label: str) -> bool:
-        """True when a key object with that label is on the token."""
-
     def destroy(self, label: str) -> None:
         """Destroys every object with that label (no error when there is none)."""
 
-    def attributes(self, label: str) -> dict[str, object]:
-        """The security-relevant attributes of the key object(s) with that label.
+    def key_properties(self, label: str, kind: KeyKind) -> KeyProperties:
+        """Reads the object(s) labelled `label` and compares them with the template the
+        broker generates keys of `kind` with (the same definition, so the two cannot drift).
 
-        Keys are PyKCS11 attribute names without the prefix difference ("CKA_SENSITIVE", ...);
-        booleans as bool, CKA_ALLOWED_MECHANISMS as a list of mechanism names.
+        Raises:
+            HsmObjectMissing: nothing on the token carries that label.
         """
 
     def check(self) -> None:

@@ -1,7 +1,8 @@
 """A real broker for integration tests: SoftHSM2 through PyKCS11, SQLite, gRPC over mTLS.
 
 One SoftHSM2 configuration serves the whole test process (SoftHSM2 reads SOFTHSM2_CONF once
-per process), with two tokens: "keybroker" declared in FR and "us-east" declared in US.
+per process), with two of the simulated HSMs of `hsm_sim.tokens`: "local" (token "keybroker")
+declared in FR and "us-east" declared in US.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from keybroker.v1 import audit_pb2_grpc, crypto_pb2_grpc, key_admin_pb2_grpc, to
 
 from broker.app import App, build_app
 from broker.clock import SystemClock
-from broker.config import HsmConfig, Settings, validate
+from broker.config import Settings, validate
 from broker.ports import AuditStore
 from broker.transport.server import RunningServer, create_server
+from hsm_sim.tokens import FR, US, hsm_configs
 
 
 class ShiftableClock:
@@ -78,24 +80,7 @@ class Broker:
 
 
 def broker_settings(home: Path, **changes: object) -> Settings:
-    hsms = (
-        HsmConfig(
-            name="local",
-            jurisdiction="FR",
-            operator="test SoftHSM2",
-            token_label="keybroker",
-            pin_file=home / "hsm.pin",
-            softhsm_init=True,
-        ),
-        HsmConfig(
-            name="us-east",
-            jurisdiction="US",
-            operator="test SoftHSM2 declared in the US",
-            token_label="us-east",
-            pin_file=home / "hsm-us-east.pin",
-            softhsm_init=True,
-        ),
-    )
+    hsms = hsm_configs(home, (FR, US))
     base = Settings(home=home, listen="127.0.0.1:0", hsms=hsms, default_hsm="local")
     return validate(replace(base, **changes))  # type: ignore[arg-type]
 

@@ -1,38 +1,37 @@
-"""Fixtures for tests against a real SoftHSM2 token.
+"""Fixtures and PKCS#11 helpers for tests against a real SoftHSM2 token.
 
 SoftHSM2 reads SOFTHSM2_CONF once per process and a PKCS#11 module is initialised once per
 process, so the whole test session shares one softhsm2.conf (under `softhsm_home`) and one
-loaded module (`softhsm`). To put every SoftHSM2 user of the session on the same conf, a
-conftest can override `softhsm_home` (e.g. to return the broker's home).
+loaded module (`softhsm`). The tokens are the simulated HSMs of `hsm_sim.tokens`: "keybroker"
+(HSM "local", FR) and "us-east" (US), plus "de-frankfurt" (DE) for the tests that need it.
 
-Use:
-
-    from tests.hsm_fixtures import hsm, softhsm, softhsm_home  # in a conftest or test module
-
-    def test_x(hsm: Pkcs11Hsm) -> None: ...
+The fixtures are loaded through `pytest_plugins` in tests/conftest.py; the helpers below
+(`raw_session`, `find_one`, `objects_labelled`, `plant_weak_key`, ...) look at the token
+directly, outside the adapter, as an attacker holding the PIN would.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import PyKCS11
 import pytest
 
-from broker.adapters.pkcs11_hsm import Pkcs11Hsm, Pkcs11Library
+from broker.adapters.pkcs11 import Pkcs11Hsm, Pkcs11Library
+from broker.devhsm import SoftHsmToken
 from broker.ports import HsmInfo
-from hsm_sim.softhsm import SoftHsmToken, ensure_token
+from hsm_sim.tokens import FR, US, ensure_tokens
 
 #: Label of the session's main token.
-TOKEN_LABEL = "keybroker"
+TOKEN_LABEL = FR.label
 #: Label of a second token on the same conf, declared in another jurisdiction.
-SECOND_TOKEN_LABEL = "us-east"
+SECOND_TOKEN_LABEL = US.label
 
-LOCAL_INFO = HsmInfo(name="local", jurisdiction="FR", operator="test SoftHSM2")
-US_INFO = HsmInfo(name="us-east", jurisdiction="US", operator="test SoftHSM2 declared in the US")
+LOCAL_INFO = FR.info
+US_INFO = US.info
 
 
 def unique_label(prefix: str = "t") -> str:
@@ -42,11 +41,8 @@ def unique_label(prefix: str = "t") -> str:
 
 @pytest.fixture(scope="session")
 def softhsm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The directory of the session's softhsm2.conf and tokens/.
-
-    A fixed path under the session's base temp dir, so that the fixture yields the same
-    directory even when it is imported into several modules.
-    """
+    """The directory of the session's softhsm2.conf and tokens/ (a fixed path under the
+    session's base temp dir, shared with every broker the tests start)."""
     home = tmp_path_factory.getbasetemp() / "softhsm"
     home.mkdir(mode=0o700, exist_ok=True)
     return home
@@ -59,7 +55,7 @@ def softhsm(softhsm_home: Path) -> tuple[Pkcs11Library, SoftHsmToken]:
     Sets SOFTHSM2_CONF for the whole process (SoftHSM2 reads it at C_Initialize, also when
     the adapter re-initialises the module during recovery).
     """
-    token = ensure_token(softhsm_home, TOKEN_LABEL, softhsm_home / "hsm.pin")
+    token = ensure_tokens(softhsm_home, (FR,))[FR.info.name].token
     return token.library, token
 
 
@@ -67,8 +63,7 @@ def softhsm(softhsm_home: Path) -> tuple[Pkcs11Library, SoftHsmToken]:
 def softhsm_second(softhsm: tuple[Pkcs11Library, SoftHsmToken]) -> SoftHsmToken:
     """A second token ("us-east") on the same conf and module."""
     library, token = softhsm
-    home = token.conf_path.parent
-    return ensure_token(home, SECOND_TOKEN_LABEL, home / "hsm-us-east.pin", library=library)
+    return ensure_tokens(token.conf_path.parent, (US,), library)[US.info.name].token
 
 
 def make_hsm(
@@ -90,8 +85,11 @@ def hsm(softhsm: tuple[Pkcs11Library, SoftHsmToken]) -> Iterator[Pkcs11Hsm]:
     library, token = softhsm
     adapter = make_hsm(library, token)
     yield adapter
-    adapter.fault_hook = None
+    adapter.gate.fault = None
     adapter.close()
+
+
+# -- looking at the token outside the adapter ---------------------------------------------------
 
 
 @contextmanager
@@ -109,3 +107,50 @@ def raw_session(library: Pkcs11Library, token: SoftHsmToken) -> Iterator[PyKCS11
             yield session
         finally:
             session.closeSession()
+
+
+def find_one(session: PyKCS11.Session, label: str, cls: int) -> PyKCS11.CK_OBJECT_HANDLE:
+    """The one object of class `cls` labelled `label` (asserts there is exactly one)."""
+    found = session.findObjects([(PyKCS11.CKA_LABEL, label), (PyKCS11.CKA_CLASS, cls)])
+    assert len(found) == 1, f"{len(found)} objects of class {cls} labelled {label}"
+    return found[0]
+
+
+def read_attrs(session: PyKCS11.Session, handle: object, attrs: list[int]) -> dict[int, object]:
+    """The values of `attrs` of one object, by attribute type."""
+    return dict(zip(attrs, session.getAttributeValue(handle, attrs), strict=True))
+
+
+def objects_labelled(library: Pkcs11Library, token: SoftHsmToken, label: str) -> int:
+    """How many objects a PKCS#11 search finds on the token with that label."""
+    with raw_session(library, token) as session:
+        return len(session.findObjects([(PyKCS11.CKA_LABEL, label)]))
+
+
+def plant_weak_key(
+    session: PyKCS11.Session,
+    label: str,
+    attributes: Sequence[tuple[int, object]] = (),
+    *,
+    token: bool = True,
+) -> PyKCS11.CK_OBJECT_HANDLE:
+    """Generates an AES-256 key labelled `label` outside the broker: SoftHSM2's defaults
+    (no CKA_ALLOWED_MECHANISMS, wrap and unwrap on) plus `attributes`.
+
+    Args:
+        session: a logged-in session (`raw_session`).
+        label: its CKA_LABEL.
+        attributes: further (CKA_*, value) pairs, e.g. `[(PyKCS11.CKA_EXTRACTABLE, True)]`.
+        token: a token object (True) or a session object that vanishes with the session.
+    """
+    return session.generateKey(
+        [
+            (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+            (PyKCS11.CKA_VALUE_LEN, 32),
+            (PyKCS11.CKA_TOKEN, token),
+            (PyKCS11.CKA_LABEL, label),
+            *attributes,
+        ],
+        PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN),
+    )

@@ -17,8 +17,7 @@ from broker.errors import (
     HsmObjectMissing,
     HsmUnavailable,
 )
-from broker.ports import HsmInfo
-from broker.services.templates import KEK_TEMPLATE, SIGNING_TEMPLATE
+from broker.ports import HsmInfo, KeyKind, KeyProperties
 
 
 class FakeHsm:
@@ -28,6 +27,8 @@ class FakeHsm:
         self.signers: dict[str, ec.EllipticCurvePrivateKey] = {}
         self.down = False
         self.calls = 0
+        #: Labels whose key a test has "weakened": what `key_properties` then reports.
+        self.weakened: dict[str, tuple[str, ...]] = {}
 
     def _tick(self) -> None:
         self.calls += 1
@@ -81,19 +82,21 @@ class FakeHsm:
         self._tick()
         return os.urandom(length)
 
-    def has_object(self, label: str) -> bool:
-        return label in self.keks or label in self.signers
-
     def destroy(self, label: str) -> None:
         self.keks.pop(label, None)
         self.signers.pop(label, None)
 
-    def attributes(self, label: str) -> dict[str, object]:
+    def key_properties(self, label: str, kind: KeyKind) -> KeyProperties:
         if label in self.keks:
-            return dict(KEK_TEMPLATE)
-        if label in self.signers:
-            return dict(SIGNING_TEMPLATE)
-        raise HsmObjectMissing(label)
+            actual, objects = KeyKind.KEK, 1
+        elif label in self.signers:
+            actual, objects = KeyKind.SIGNING, 2
+        else:
+            raise HsmObjectMissing(label)
+        problems = self.weakened.get(label, ())
+        if actual is not kind:
+            problems = (f"a {actual.value} key, not a {kind.value} key", *problems)
+        return KeyProperties(label, kind, objects, problems)
 
     def check(self) -> None:
         self._tick()

@@ -44,7 +44,7 @@ def test_health_follows_the_hsm(hsm_home: Path, tmp_path: Path) -> None:
     import PyKCS11
 
     from broker.transport.server import HealthMonitor
-    from hsm_sim.softhsm import FailOnCall
+    from hsm_sim.faults import FailOnCall
 
     b = start_broker(hsm_home, database=tmp_path / "m.db")
     try:
@@ -52,12 +52,12 @@ def test_health_follows_the_hsm(hsm_home: Path, tmp_path: Path) -> None:
         hsm = b.app.hsms["local"]
         monitor = HealthMonitor(b.running, [h.check for h in b.app.hsms.values()], interval=60)
         assert monitor.check_once()
-        hsm.fault_hook = FailOnCall(1, PyKCS11.CKR_DEVICE_ERROR, times=10_000)  # type: ignore[attr-defined]
+        hsm.gate.fault = FailOnCall(1, PyKCS11.CKR_DEVICE_ERROR, times=10_000)  # type: ignore[attr-defined]
         assert not monitor.check_once()
         for service in ("", "keybroker.v1.Crypto"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        hsm.fault_hook = None  # type: ignore[attr-defined]
+        hsm.gate.fault = None  # type: ignore[attr-defined]
         assert monitor.check_once()
         reply = stub.Check(health_pb2.HealthCheckRequest(service="keybroker.v1.Crypto"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

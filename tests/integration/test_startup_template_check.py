@@ -8,12 +8,12 @@ from pathlib import Path
 import PyKCS11
 import pytest
 
-from broker.adapters.pkcs11_hsm import Pkcs11Library
+from broker.adapters.pkcs11 import Pkcs11Library
 from broker.app import build_app
-from broker.services.templates import WeakKeyError
-from hsm_sim.softhsm import SoftHsmToken
+from broker.devhsm import SoftHsmToken
+from broker.services.startup_check import WeakKeyError
 from tests.broker_fixtures import broker_settings, start_broker
-from tests.hsm_fixtures import raw_session
+from tests.hsm_fixtures import plant_weak_key, raw_session
 from tests.integration.flows import create_key
 
 
@@ -28,20 +28,16 @@ def test_weak_kek_on_the_token_refuses_start(
     library, token = softhsm
     weak_label = f"weak-{key_id}"
     with raw_session(library, token) as session:
-        session.generateKey(
+        plant_weak_key(
+            session,
+            weak_label,
             [
-                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
-                (PyKCS11.CKA_VALUE_LEN, 32),
-                (PyKCS11.CKA_TOKEN, True),
                 (PyKCS11.CKA_PRIVATE, True),
                 (PyKCS11.CKA_SENSITIVE, False),
                 (PyKCS11.CKA_EXTRACTABLE, True),
                 (PyKCS11.CKA_ENCRYPT, True),
                 (PyKCS11.CKA_DECRYPT, True),
-                (PyKCS11.CKA_LABEL, weak_label),
             ],
-            PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN),
         )
     conn = sqlite3.connect(db)
     (data,) = conn.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()

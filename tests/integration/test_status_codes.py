@@ -266,18 +266,18 @@ def test_oversize_message_is_refused(broker: Broker) -> None:
 def test_hsm_fault_is_unavailable_then_recovers(broker: Broker, ckr: str) -> None:
     import PyKCS11
 
-    from hsm_sim.softhsm import FailOnCall
+    from hsm_sim.faults import FailOnCall
 
     key_id = create_key(broker)
     dk = datakey(broker, key_id)
     token = issue(broker, key_id).token
     hsm = broker.app.hsms["local"]
     for call in (lambda: datakey(broker, key_id), lambda: decrypt(broker, dk.wrapped_key, token)):
-        hsm.fault_hook = FailOnCall(1, getattr(PyKCS11, ckr))  # type: ignore[attr-defined]
+        hsm.gate.fault = FailOnCall(1, getattr(PyKCS11, ckr))  # type: ignore[attr-defined]
         try:
             code, msg = code_of(call)
         finally:
-            hsm.fault_hook = None  # type: ignore[attr-defined]
+            hsm.gate.fault = None  # type: ignore[attr-defined]
         assert code == grpc.StatusCode.UNAVAILABLE, msg
         assert dk.plaintext_key.hex() not in msg
         # The next call succeeds on a fresh session.

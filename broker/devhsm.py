@@ -1,4 +1,8 @@
-"""SoftHSM2 token set-up for tests, laptops and the embedded default.
+"""The embedded SoftHSM2 of development and the embedded default (never for production).
+
+Next to `devpki`: the composition root uses it for HSMs configured without a PKCS#11 module
+(`HsmConfig.module` empty) or with `softhsm_init`: it writes HOME/softhsm2.conf, finds the
+SoftHSM2 module and initialises missing tokens.
 
 A SoftHSM2 installation is configured by one file, named by the environment variable
 `SOFTHSM2_CONF` and read once, at C_Initialize. Hence a process can use only one
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import PyKCS11
 
-from broker.adapters.pkcs11_hsm import Pkcs11Library
+from broker.adapters.pkcs11 import Pkcs11Library
 from broker.config import ConfigError, read_pin_file
 
 #: Where distributions install the SoftHSM2 PKCS#11 module, searched in order.
@@ -44,10 +48,6 @@ def _search_module() -> str | None:
     if override:
         return override if os.path.isfile(override) else None
     return next((p for p in SOFTHSM_MODULE_PATHS if os.path.isfile(p)), None)
-
-
-#: The SoftHSM2 module found at import time (None when it is not installed).
-SOFTHSM_MODULE: str | None = _search_module()
 
 
 def find_softhsm_module() -> str:
@@ -87,7 +87,7 @@ def write_softhsm_conf(home: Path) -> Path:
     tokens.chmod(0o700)
     conf = home / "softhsm2.conf"
     content = (
-        "# Written by keybroker (hsm_sim.softhsm); SoftHSM2 reads it at C_Initialize.\n"
+        "# Written by keybroker (broker.devhsm); SoftHSM2 reads it at C_Initialize.\n"
         f"directories.tokendir = {tokens}\n"
         "objectstore.backend = file\n"
         "log.level = ERROR\n"
@@ -245,49 +245,18 @@ def _initialise(library: Pkcs11Library, label: str, pin_file: Path) -> None:
     try:
         library.init_token(library.free_slot(), so_pin, label)
         slot = library.slot_for_token(label)
+        call = library.gate.call
         with library.using() as lib:
-            session = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
+            session = call(lib, "openSession", slot, PyKCS11.CKF_RW_SESSION)
             try:
-                session.login(so_pin, PyKCS11.CKU_SO)
-                session.initPin(user_pin)
-                session.logout()
+                call(session, "login", so_pin, PyKCS11.CKU_SO)
+                call(session, "initPin", user_pin)
+                call(session, "logout")
             finally:
-                session.closeSession()
+                call(session, "closeSession")
         os.replace(tmp, pin_file)
     except PyKCS11.PyKCS11Error as exc:
         raise RuntimeError(f"cannot initialise SoftHSM2 token {label!r}: {exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-@dataclass(slots=True)
-class FailOnCall:
-    """A `Pkcs11Hsm.fault_hook` that makes PKCS#11 calls fail, for fault-injection tests.
-
-    Counts the calls whose PyKCS11 method name is in `names` (every call when empty) and
-    raises `PyKCS11Error(code)` on the `nth` one (1-based) and the `times - 1` after it.
-
-    Attributes:
-        nth: which matching call fails first.
-        code: the CKR code to raise, e.g. `PyKCS11.CKR_DEVICE_ERROR`.
-        names: PyKCS11 method names to count ("encrypt", "sign", "findObjects", ...).
-        times: how many consecutive matching calls fail.
-        seen: matching calls so far.
-        failed: calls made to fail so far.
-    """
-
-    nth: int
-    code: int
-    names: frozenset[str] = frozenset()
-    times: int = 1
-    seen: int = 0
-    failed: int = 0
-
-    def __call__(self, name: str) -> None:
-        if self.names and name not in self.names:
-            return
-        self.seen += 1
-        if self.nth <= self.seen < self.nth + self.times:
-            self.failed += 1
-            raise PyKCS11.PyKCS11Error(self.code)

@@ -1,0 +1,65 @@
+"""Start-up check of every HSM object the broker uses (DESIGN.md invariant 1).
+
+The broker refuses to start when a key-encryption key or signing key on the token does not
+carry the template it was generated with: a key that became extractable, or that allows
+wrapping or another mechanism, is never used. The HSM compares its objects with the one
+definition of the templates (`Hsm.key_properties`); this module only walks the keys the
+broker knows and refuses to start on the first that falls short.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from broker.errors import HsmObjectMissing
+from broker.ports import Hsm, KeyKind, KeyStore
+from broker.services.signing import SigningKeys
+
+log = logging.getLogger(__name__)
+
+
+class WeakKeyError(RuntimeError):
+    """An HSM object does not carry the template the broker requires."""
+
+
+def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKeys) -> int:
+    """Checks every key version and signing key; returns how many objects were checked.
+
+    Raises:
+        WeakKeyError: an object differs from its template, or it is missing.
+    """
+    checked = 0
+    after = ""
+    while True:
+        page = store.list_keys(after, 500)
+        if not page:
+            break
+        for key in page:
+            hsm = hsms.get(key.hsm)
+            if hsm is None:
+                log.warning(
+                    "key on an unconfigured HSM is not checked", extra={"key_id": key.key_id}
+                )
+                continue
+            for version in key.versions:
+                _check(hsm, version.hsm_label, KeyKind.KEK, f"{key.key_id} v{version.version}")
+                checked += 1
+        after = page[-1].key_id
+    for sk in signing.all():
+        _check(sk.hsm, sk.label, KeyKind.SIGNING, f"signing key {sk.kid}")
+        checked += 1
+    return checked
+
+
+def _check(hsm: Hsm, label: str, kind: KeyKind, what: str) -> None:
+    try:
+        properties = hsm.key_properties(label, kind)
+    except HsmObjectMissing as exc:
+        raise WeakKeyError(
+            f"{what}: HSM object {label!r} is missing from HSM {hsm.info.name!r}"
+        ) from exc
+    if not properties.as_generated:
+        raise WeakKeyError(
+            f"{what} ({label}) is weaker than required: {', '.join(properties.problems)}"
+        )
