@@ -56,7 +56,9 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
     try:
         settings = load_settings(home=home, listen=listen, config_file=config_file)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        # One line naming the file and the setting; no traceback for a configuration mistake.
+        click.echo(f"keybroker-server: {exc}", err=True)
+        sys.exit(2)
     try:
         app = build_app(settings)
     except Exception as exc:

@@ -1,15 +1,23 @@
 """Settings: one TOML file plus KEYBROKER_* environment overrides, validated at start.
 
+Every setting is one row of `OPTIONS`: its table, key, type, environment variable and meaning;
+its default is the `Settings` (or `HsmConfig`) field's. That one table parses the file, checks
+that no key is unknown or of the wrong type, applies the environment, and renders the reference
+in docs/configuration.md (`reference_table()`).
+
 PINs never come from the command line: from a file (mode 0600) or an environment variable.
 """
 
 from __future__ import annotations
 
+import difflib
+import enum
+import json
 import os
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
-    """One PKCS#11 token the broker uses.
-
-    Attributes:
-        name: what keys and requests call it.
-        jurisdiction: ISO 3166-1 alpha-2 code of the country whose law governs the HSM.
-        operator: who runs it.
-        module: path of the PKCS#11 library; empty means SoftHSM2.
-        token_label: the token's label.
-        pin_file: file holding the user PIN (mode 0600), or None.
-        pin_env: environment variable holding the user PIN, or None; wins over pin_file.
-        softhsm_init: initialise a SoftHSM2 token with that label when it is missing
-            (development and tests only).
-        pool_size: PKCS#11 sessions kept open.
-    """
+    """One PKCS#11 token the broker uses: an `[[hsm]]` of the file, whose keys `OPTIONS`
+    lists with their meaning (`pin_file` and `pin_env` are None when not set)."""
 
     name: str
     jurisdiction: str
@@ -129,33 +125,234 @@ class Settings:
         return self.home / "pki"
 
 
+HOME_ENV = "KEYBROKER_HOME"
+HSM_PIN_ENV = "KEYBROKER_HSM_PIN"
+_DEV_PKI = "none: the development PKI in `HOME/pki`"
+
+
+class Type(enum.Enum):
+    """The type of a setting's value, as the file writes it."""
+
+    STRING = "string"
+    INTEGER = "integer"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    PATH = "path"
+    NAMES = "list of strings"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting of the file.
+
+    Attributes:
+        table: "" for the top level, else the table holding it ("hsm": each `[[hsm]]`).
+        key: its name in that table.
+        type: what its value must be.
+        meaning: one line for the reference.
+        field_name: the `Settings` (in `[[hsm]]`, `HsmConfig`) field it sets; default `key`.
+        env: the KEYBROKER_* variable that overrides it, if any.
+        required: must be given whenever its table is.
+        default_text: the default as the reference shows it, when the field's does not say it.
+    """
+
+    table: str
+    key: str
+    type: Type
+    meaning: str
+    field_name: str = ""
+    env: str = ""
+    required: bool = False
+    default_text: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}.{self.key}" if self.table else self.key
+
+    @property
+    def field(self) -> str:
+        return self.field_name or self.key
+
+    def default(self) -> object:
+        """The field's default (MISSING for a required `[[hsm]]` field)."""
+        owner = HsmConfig if self.table == "hsm" else Settings
+        return next(f.default for f in fields(owner) if f.name == self.field)
+
+
+T = Type
+OPTIONS: tuple[Option, ...] = (
+    Option("", "listen", T.STRING, "mutual-TLS listener, HOST:PORT; port 0 picks a free one",
+           env="KEYBROKER_LISTEN"),
+    Option("", "insecure_listen", T.STRING,
+           "plaintext listener for development and health probes; empty: none",
+           env="KEYBROKER_INSECURE_LISTEN"),
+    Option("", "broker_id", T.STRING, "tokens carry `iss` = `aud` = `urn:keybroker:ID`",
+           env="KEYBROKER_BROKER_ID"),
+    Option("", "default_hsm", T.STRING, "the HSM of keys created without one",
+           default_text="the first `[[hsm]]`"),
+    Option("", "database", T.PATH, "the SQLite database", default_text="`HOME/keybroker.db`"),
+    Option("", "grace_seconds", T.NUMBER, "time calls in flight get to finish after SIGTERM"),
+    Option("roles", "admins", T.NAMES, "principals with the admin role", env="KEYBROKER_ADMINS"),
+    Option("roles", "auditors", T.NAMES, "principals with the auditor role",
+           env="KEYBROKER_AUDITORS"),
+    Option("tls", "cert", T.PATH, "server certificate chain (PEM)", field_name="tls_cert",
+           required=True, default_text=_DEV_PKI),
+    Option("tls", "key", T.PATH, "its private key (PEM)", field_name="tls_key", required=True,
+           default_text=_DEV_PKI),
+    Option("tls", "client_ca", T.PATH, "CA certificates that issue client certificates",
+           required=True, default_text=_DEV_PKI),
+    Option("limits", "max_workers", T.INTEGER, "gRPC handler threads"),
+    Option("limits", "max_concurrent_rpcs", T.INTEGER,
+           "calls at once; beyond this, `RESOURCE_EXHAUSTED` at once"),
+    Option("limits", "rate_limit_per_second", T.NUMBER,
+           "requests per second per principal; 0 disables", env="KEYBROKER_RATE_LIMIT"),
+    Option("limits", "rate_limit_burst", T.INTEGER, "requests a principal may send at once"),
+    Option("hsm", "name", T.STRING, "what keys and requests call it", required=True),
+    Option("hsm", "jurisdiction", T.STRING,
+           "ISO 3166-1 alpha-2 code of the country whose law governs it", required=True),
+    Option("hsm", "operator", T.STRING, "who runs it", required=True),
+    Option("hsm", "module", T.STRING, "path of the PKCS#11 library; empty: SoftHSM2"),
+    Option("hsm", "token_label", T.STRING, "the token's label"),
+    Option("hsm", "pin_file", T.PATH, "file holding the user PIN (mode 0600)",
+           default_text="none"),
+    Option("hsm", "pin_env", T.STRING,
+           "environment variable holding the user PIN; wins over `pin_file`",
+           default_text="none"),
+    Option("hsm", "softhsm_init", T.BOOLEAN,
+           "initialise a missing SoftHSM2 token of that label (development and tests)"),
+    Option("hsm", "pool_size", T.INTEGER, "PKCS#11 sessions kept open, 1 to 64"),
+)  # fmt: skip
+_TABLES = ("roles", "tls", "limits")  # and the array of tables "hsm"
+
+
+def reference_table() -> str:
+    """The settings as the Markdown table in docs/configuration.md lists them."""
+    rows = [
+        "| key | type | default | environment | meaning |",
+        "| --- | ---- | ------- | ----------- | ------- |",
+    ]
+    for o in OPTIONS:
+        default = o.default()
+        if isinstance(default, tuple):
+            default = list(default)
+        shown = o.default_text or ("required" if default is MISSING else f"`{json.dumps(default)}`")
+        env = f"`{o.env}`" if o.env else ""
+        rows.append(f"| `{o.name}` | {o.type.value} | {shown} | {env} | {o.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 def _embedded_hsm(home: Path) -> HsmConfig:
+    pin_file = home / "hsm.pin"
     return HsmConfig(
-        name="local",
-        jurisdiction="FR",
-        operator="local SoftHSM2 (development)",
-        token_label="keybroker",
-        pin_file=home / "hsm.pin",
-        softhsm_init=True,
+        "local", "FR", "local SoftHSM2 (development)", pin_file=pin_file, softhsm_init=True
     )
 
 
-def _path(home: Path, value: object, setting: str) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{setting} must be a non-empty path")
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else home / path
+_TOML_KINDS = (
+    (bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+    (list, "an array"), (dict, "a table"),
+)  # fmt: skip
 
 
-def _strings(value: object, setting: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{setting} must be a list of names")
-    return tuple(value)
+def _kind_of(value: object) -> str:
+    if value == "":
+        return "an empty string"
+    return next((name for t, name in _TOML_KINDS if isinstance(value, t)), "a date or time")
 
 
-def load_settings(  # noqa: PLR0915 - one flat list of settings reads best
+def _convert(option: Option, value: object, home: Path, where: str) -> Any:
+    """`value` as the field's type.
+
+    Raises:
+        ConfigError: one line naming `where` (the file or variable), the key and the type.
+    """
+    kind = option.type
+    if kind is Type.STRING and isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        pass  # TOML booleans are no numbers (Python's are ints)
+    elif kind is Type.INTEGER and isinstance(value, int):
+        return value
+    elif kind is Type.NUMBER and isinstance(value, int | float):
+        return float(value)
+    if kind is Type.BOOLEAN and isinstance(value, bool):
+        return value
+    if kind is Type.PATH and isinstance(value, str) and value:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else home / path
+    if kind is Type.NAMES:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+    article = "an" if kind is Type.INTEGER else "a"
+    raise ConfigError(f"{where} must be {article} {kind.value}, not {_kind_of(value)}")
+
+
+def _section(
+    values: Mapping[str, object], table: str, label: str, home: Path, source: str
+) -> dict[str, Any]:
+    """Checks one table of the file against its options; returns field name -> value."""
+    options = {o.key: o for o in OPTIONS if o.table == table}
+    known = set(options) | ({*_TABLES, "hsm"} if not table else set())
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {label}{close[0]}?" if close else ""
+            raise ConfigError(f"{source}: unknown setting {label}{key}{hint}")
+    out: dict[str, Any] = {}
+    for key, option in options.items():
+        if key in values:
+            out[option.field] = _convert(option, values[key], home, f"{source}: {label}{key}")
+        elif option.required:
+            raise ConfigError(f"{source}: {label}{key} is required")
+    return out
+
+
+def _from_file(config_file: Path, home: Path) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    source = str(config_file)
+    changes = _section(doc, "", "", home, source)
+    for table in _TABLES:
+        if table in doc:
+            if not isinstance(doc[table], dict):
+                raise ConfigError(f"{source}: {table} must be a table ([{table}])")
+            changes.update(_section(doc[table], table, f"{table}.", home, source))
+    if "tls" in doc:
+        changes["dev_pki"] = False
+    entries = doc.get("hsm", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: hsm must be an array of tables ([[hsm]])")
+    hsms = [
+        HsmConfig(**_section(e, "hsm", f"hsm[{i}].", home, source)) for i, e in enumerate(entries)
+    ]
+    if hsms:
+        changes["hsms"] = tuple(hsms)
+    return changes
+
+
+def _from_env(env: Mapping[str, str], home: Path) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for option in OPTIONS:
+        text = env.get(option.env, "") if option.env else ""
+        if not text:
+            continue
+        value: object = text
+        try:
+            if option.type is Type.INTEGER:
+                value = int(text)
+            elif option.type is Type.NUMBER:
+                value = float(text)
+        except ValueError:
+            raise ConfigError(f"{option.env} must be a {option.type.value}") from None
+        changes[option.field] = _convert(option, value, home, option.env)
+    return changes
+
+
+def load_settings(
     home: Path | None = None,
     listen: str | None = None,
     config_file: Path | None = None,
@@ -164,92 +361,21 @@ def load_settings(  # noqa: PLR0915 - one flat list of settings reads best
     """Builds settings: defaults, then the TOML file, then KEYBROKER_* variables, then flags.
 
     Raises:
-        ConfigError: a setting is missing, of the wrong type or inconsistent.
+        ConfigError: a setting is unknown, missing, of the wrong type or inconsistent; the
+            message is one line naming the file (or variable) and the key.
     """
     env = os.environ if env is None else env
-    home = (home or Path(env.get("KEYBROKER_HOME", "var"))).expanduser().resolve()
-    doc: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            doc = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-
-    settings = Settings(home=home)
-    changes: dict[str, Any] = {}
-    if "listen" in doc:
-        changes["listen"] = str(doc["listen"])
-    if "insecure_listen" in doc:
-        changes["insecure_listen"] = str(doc["insecure_listen"])
-    if "broker_id" in doc:
-        changes["broker_id"] = str(doc["broker_id"])
-    roles = doc.get("roles", {})
-    if "admins" in roles:
-        changes["admins"] = _strings(roles["admins"], "roles.admins")
-    if "auditors" in roles:
-        changes["auditors"] = _strings(roles["auditors"], "roles.auditors")
-    if "database" in doc:
-        changes["database"] = _path(home, doc["database"], "database")
-    tls = doc.get("tls", {})
-    if tls:
-        changes.update(
-            tls_cert=_path(home, tls.get("cert"), "tls.cert"),
-            tls_key=_path(home, tls.get("key"), "tls.key"),
-            client_ca=_path(home, tls.get("client_ca"), "tls.client_ca"),
-            dev_pki=False,
-        )
-    limits = doc.get("limits", {})
-    for name in ("max_workers", "max_concurrent_rpcs", "rate_limit_burst"):
-        if name in limits:
-            changes[name] = int(limits[name])
-    if "rate_limit_per_second" in limits:
-        changes["rate_limit_per_second"] = float(limits["rate_limit_per_second"])
-    if "grace_seconds" in doc:
-        changes["grace_seconds"] = float(doc["grace_seconds"])
-    hsms = []
-    for i, h in enumerate(doc.get("hsm", [])):
-        where = f"hsm[{i}]"
-        for required in ("name", "jurisdiction", "operator"):
-            if not isinstance(h.get(required), str) or not h[required]:
-                raise ConfigError(f"{where}.{required} is required")
-        hsms.append(
-            HsmConfig(
-                name=h["name"],
-                jurisdiction=h["jurisdiction"],
-                operator=h["operator"],
-                module=str(h.get("module", "")),
-                token_label=str(h.get("token_label", "keybroker")),
-                pin_file=_path(home, h["pin_file"], f"{where}.pin_file")
-                if "pin_file" in h
-                else None,
-                pin_env=h.get("pin_env"),
-                softhsm_init=bool(h.get("softhsm_init", False)),
-                pool_size=int(h.get("pool_size", 4)),
-            )
-        )
-    changes["hsms"] = tuple(hsms) or (_embedded_hsm(home),)
-    changes["default_hsm"] = str(doc.get("default_hsm", changes["hsms"][0].name))
-
-    overrides = {
-        "KEYBROKER_LISTEN": "listen",
-        "KEYBROKER_INSECURE_LISTEN": "insecure_listen",
-        "KEYBROKER_BROKER_ID": "broker_id",
-    }
-    for var, name in overrides.items():
-        if env.get(var):
-            changes[name] = env[var]
-    if env.get("KEYBROKER_ADMINS"):
-        changes["admins"] = _strings(env["KEYBROKER_ADMINS"], "KEYBROKER_ADMINS")
-    if env.get("KEYBROKER_AUDITORS"):
-        changes["auditors"] = _strings(env["KEYBROKER_AUDITORS"], "KEYBROKER_AUDITORS")
-    if env.get("KEYBROKER_RATE_LIMIT"):
-        changes["rate_limit_per_second"] = float(env["KEYBROKER_RATE_LIMIT"])
-    if env.get("KEYBROKER_HSM_PIN"):
-        first = changes["hsms"][0]
-        changes["hsms"] = (replace(first, pin_env="KEYBROKER_HSM_PIN"), *changes["hsms"][1:])
+    home = (home or Path(env.get(HOME_ENV, "var"))).expanduser().resolve()
+    changes = _from_file(config_file, home) if config_file is not None else {}
+    changes.update(_from_env(env, home))
     if listen:
         changes["listen"] = listen
-    return validate(replace(settings, **changes))
+    hsms: tuple[HsmConfig, ...] = changes.get("hsms") or (_embedded_hsm(home),)
+    if env.get(HSM_PIN_ENV):
+        hsms = (replace(hsms[0], pin_env=HSM_PIN_ENV), *hsms[1:])
+    changes["hsms"] = hsms
+    changes.setdefault("default_hsm", hsms[0].name)
+    return validate(replace(Settings(home=home), **changes))
 
 
 def validate(settings: Settings) -> Settings:

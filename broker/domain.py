@@ -13,6 +13,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from broker.errors import InvalidArgument, Unauthenticated
 
@@ -55,6 +56,26 @@ class Outcome(enum.Enum):
 class Role(enum.Enum):
     ADMIN = "admin"
     AUDITOR = "auditor"
+
+
+class AuditOperation(enum.StrEnum):
+    """The operation an audit event records: the RPC's name, as stored and filtered on."""
+
+    CREATE_KEY = "CreateKey"
+    GET_KEY = "GetKey"
+    LIST_KEYS = "ListKeys"
+    ROTATE_KEY = "RotateKey"
+    UPDATE_KEY_POLICY = "UpdateKeyPolicy"
+    ENABLE_KEY = "EnableKey"
+    DISABLE_KEY = "DisableKey"
+    GENERATE_DATA_KEY = "GenerateDataKey"
+    ENCRYPT = "Encrypt"
+    DECRYPT = "Decrypt"
+    REWRAP = "ReWrap"
+    ISSUE_TOKEN = "IssueToken"
+    REVOKE_TOKEN = "RevokeToken"
+    LIST_AUDIT_EVENTS = "ListAuditEvents"
+    VERIFY_AUDIT_LOG = "VerifyAuditLog"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +176,8 @@ class Key:
             raise ValueError(f"key {self.key_id} has no primary version")
         return found
 
-    def evolve(self, **changes: object) -> Key:
-        return replace(self, **changes)  # type: ignore[arg-type]
+    def evolve(self, **changes: Any) -> Key:
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True, slots=True)

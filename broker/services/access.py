@@ -93,6 +93,26 @@ class Access:
                 f"{', '.join(sorted(allowed))}"
             )
 
+    def decrypting_version(self, key: Key, version: int) -> tuple[Hsm, str]:
+        """The HSM and object label of `version` of `key`, if that version may decrypt now.
+
+        Raises:
+            FailedPrecondition: the key is not enabled, or the version is below the key's
+                minimum decryption version.
+            NotFound: the key has no such version.
+            PermissionDenied, Unavailable: see `hsm_for`.
+        """
+        self.require_usable(key)
+        found = key.version(version)
+        if found is None:
+            raise NotFound(f"key {key.key_id!r} has no version {version}")
+        if version < key.min_decryption_version:
+            raise FailedPrecondition(
+                f"version {version} of key {key.key_id!r} is below the minimum decryption "
+                f"version {key.min_decryption_version}; re-wrap older data"
+            )
+        return self.hsm_for(key), found.hsm_label
+
     @staticmethod
     def require_usable(key: Key) -> None:
         """Raises FailedPrecondition unless the key is enabled."""

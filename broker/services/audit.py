@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 
 from broker.domain import (
     AuditEvent,
     AuditFilter,
+    AuditOperation,
     Caller,
     Outcome,
     audit_digest,
@@ -17,7 +18,7 @@ from broker.domain import (
 )
 from broker.errors import InvalidArgument, KeybrokerError, Unavailable
 from broker.ports import AuditStore, Clock
-from broker.services.access import Access
+from broker.services.access import Access, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,42 @@ MAX_JUSTIFICATION = 1024
 
 @dataclass(slots=True)
 class AuditDraft:
-    """What a service learns about a call while it runs; becomes the call's audit event."""
+    """What a service learns about a call while it runs; becomes the call's audit event.
+
+    `context` is the request's encryption context as received; `validated_context()` checks
+    it, once per call, and the event keeps that checked copy.
+    """
 
     caller: Caller
-    operation: str
+    operation: AuditOperation
     key_id: str = ""
     key_version: int = 0
     token_id: str = ""
     context: Mapping[str, str] = field(default_factory=dict)
     justification: str = ""
+    _checked: dict[str, str] | None = field(default=None, init=False, repr=False)
+    _invalid: bool = field(default=False, init=False, repr=False)
+
+    def validated_context(self) -> dict[str, str]:
+        """The request's context, checked against the limits the first time it is asked for.
+
+        Raises:
+            InvalidArgument: the context breaks a limit (see `validate_context`).
+        """
+        if self._checked is None:
+            try:
+                self._checked = validate_context(self.context)
+            except InvalidArgument:
+                self._invalid = True
+                raise
+        return self._checked
+
+    def recorded_context(self) -> dict[str, str]:
+        """What the event keeps: the checked context, or nothing when it is invalid."""
+        if self._checked is None and not self._invalid:
+            with suppress(InvalidArgument):
+                self.validated_context()
+        return self._checked or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +90,16 @@ class AuditLog:
         self._clock = clock
 
     @contextmanager
-    def scope(self, caller: Caller, operation: str, **fields: object) -> Iterator[AuditDraft]:
+    def scope(
+        self,
+        caller: Caller,
+        operation: AuditOperation,
+        *,
+        key_id: str = "",
+        context: Mapping[str, str] | None = None,
+        token_id: str = "",
+        justification: str = "",
+    ) -> Iterator[AuditDraft]:
         """Audits the block as one call.
 
         An unauthenticated caller is refused (and audited) before the block runs.
@@ -72,7 +109,14 @@ class AuditLog:
         The event is durable when the block's caller continues; if it cannot be written,
         `AuditUnavailable` replaces whatever the block produced, so nothing leaves unaudited.
         """
-        draft = AuditDraft(caller=caller, operation=operation, **fields)  # type: ignore[arg-type]
+        draft = AuditDraft(
+            caller=caller,
+            operation=operation,
+            key_id=key_id,
+            token_id=token_id,
+            context=context if context is not None else {},
+            justification=justification,
+        )
         try:
             caller.require_authenticated()
             yield draft
@@ -90,17 +134,14 @@ class AuditLog:
         now = self._clock.now()
         # Fields come from the request and may be invalid or huge when the call is refused:
         # keep the record bounded, and an invalid context out of it.
-        try:
-            context = validate_context(draft.context)
-        except InvalidArgument:
-            context = {}
+        context = draft.recorded_context()
 
         def build(sequence: int, prev_hash: str) -> AuditEvent:
             event = AuditEvent(
                 sequence=sequence,
                 time=now,
                 principal=draft.caller.principal,
-                operation=draft.operation,
+                operation=draft.operation.value,
                 key_id=draft.key_id[:MAX_ID],
                 key_version=draft.key_version,
                 token_id=draft.token_id[:MAX_ID],
@@ -142,6 +183,43 @@ class AuditLog:
         return VerifyResult(True, checked, 0, "", prev)
 
 
+class AuditedService:
+    """Base of the services whose every call is audited and rate-limited.
+
+    Args:
+        audit: the audit trail.
+        limiter: per-principal rate limit.
+    """
+
+    def __init__(self, audit: AuditLog, limiter: RateLimiter) -> None:
+        self._audit = audit
+        self._limiter = limiter
+
+    @contextmanager
+    def _call(
+        self,
+        caller: Caller,
+        operation: AuditOperation,
+        *,
+        key_id: str = "",
+        context: Mapping[str, str] | None = None,
+        token_id: str = "",
+        justification: str = "",
+    ) -> Iterator[AuditDraft]:
+        """Opens the call's audit scope (see `AuditLog.scope`) and applies the rate limit
+        inside it, so a call refused by the limit is audited like any other refusal."""
+        with self._audit.scope(
+            caller,
+            operation,
+            key_id=key_id,
+            context=context,
+            token_id=token_id,
+            justification=justification,
+        ) as draft:
+            self._limiter.check(caller.principal)
+            yield draft
+
+
 class AuditReader:
     """ListAuditEvents and VerifyAuditLog for auditors and admins; each read is audited.
 
@@ -155,7 +233,7 @@ class AuditReader:
         self._access = access
 
     def list(self, caller: Caller, flt: AuditFilter) -> Iterator[AuditEvent]:
-        with self._log.scope(caller, "ListAuditEvents"):
+        with self._log.scope(caller, AuditOperation.LIST_AUDIT_EVENTS):
             self._access.require_reader(caller)
             if flt.start_time and flt.end_time and flt.start_time > flt.end_time:
                 raise InvalidArgument("start_time is after end_time")
@@ -164,6 +242,6 @@ class AuditReader:
         return self._log.events(flt)
 
     def verify(self, caller: Caller) -> VerifyResult:
-        with self._log.scope(caller, "VerifyAuditLog"):
+        with self._log.scope(caller, AuditOperation.VERIFY_AUDIT_LOG):
             self._access.require_reader(caller)
             return self._log.verify()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from broker.domain import (
+    AuditOperation,
     Caller,
     Key,
     KeyPolicy,
@@ -28,7 +29,7 @@ from broker.errors import (
 )
 from broker.ports import Clock, Hsm, KeyStore
 from broker.services.access import Access, RateLimiter
-from broker.services.audit import AuditLog
+from broker.services.audit import AuditedService, AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def decode_page_token(token: str) -> str:
         raise InvalidArgument("page_token is not one this broker returned") from None
 
 
-class KeyService:
+class KeyService(AuditedService):
     """Key administration.
 
     Args:
@@ -106,12 +107,11 @@ class KeyService:
         default_hsm: str,
         limiter: RateLimiter,
     ) -> None:
+        super().__init__(audit, limiter)
         self._store = store
         self._access = access
-        self._audit = audit
         self._clock = clock
         self._default_hsm = default_hsm
-        self._limiter = limiter
 
     def create(
         self,
@@ -122,8 +122,7 @@ class KeyService:
         rotation_period: timedelta | None,
         hsm_name: str,
     ) -> Key:
-        with self._audit.scope(caller, "CreateKey", key_id=key_id) as draft:
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.CREATE_KEY, key_id=key_id) as draft:
             self._access.require_admin(caller)
             validate_key_id(key_id)
             if len(description) > MAX_DESCRIPTION:
@@ -170,14 +169,12 @@ class KeyService:
             raise
 
     def get(self, caller: Caller, key_id: str) -> Key:
-        with self._audit.scope(caller, "GetKey", key_id=key_id):
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.GET_KEY, key_id=key_id):
             self._access.require_reader(caller)
             return self._store.get_key(validate_key_id(key_id))
 
     def list(self, caller: Caller, page_size: int, page_token: str) -> tuple[list[Key], str]:
-        with self._audit.scope(caller, "ListKeys"):
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.LIST_KEYS):
             self._access.require_reader(caller)
             if page_size < 0:
                 raise InvalidArgument("page_size must not be negative")
@@ -189,8 +186,7 @@ class KeyService:
             return keys, encode_page_token(keys[-1].key_id) if more else ""
 
     def rotate(self, caller: Caller, key_id: str) -> Key:
-        with self._audit.scope(caller, "RotateKey", key_id=key_id) as draft:
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.ROTATE_KEY, key_id=key_id) as draft:
             self._access.require_admin(caller)
             key = self._store.get_key(validate_key_id(key_id))
             if key.state in (KeyState.PENDING_DESTRUCTION, KeyState.DESTROYED):
@@ -228,8 +224,7 @@ class KeyService:
             Access.require_jurisdiction(policy.jurisdictions(), hsm, key_id)
             return key.evolve(policy=policy)
 
-        with self._audit.scope(caller, "UpdateKeyPolicy", key_id=key_id):
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.UPDATE_KEY_POLICY, key_id=key_id):
             self._access.require_admin(caller)
             validate_policy(policy)
             return self._update(validate_key_id(key_id), change)
@@ -243,8 +238,8 @@ class KeyService:
                 )
             return key.evolve(state=KeyState.ENABLED if enabled else KeyState.DISABLED)
 
-        with self._audit.scope(caller, "EnableKey" if enabled else "DisableKey", key_id=key_id):
-            self._limiter.check(caller.principal)
+        operation = AuditOperation.ENABLE_KEY if enabled else AuditOperation.DISABLE_KEY
+        with self._call(caller, operation, key_id=key_id):
             self._access.require_admin(caller)
             return self._update(validate_key_id(key_id), change)
 

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import base64
 import hmac
-import json
 import logging
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import jwt
 
 from broker.domain import (
+    AuditOperation,
     Caller,
     Operation,
     Role,
     TokenClaims,
-    validate_context,
     validate_key_id,
 )
 from broker.errors import (
@@ -29,82 +28,114 @@ from broker.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from broker.ports import Clock, KeyStore, RevocationStore
+from broker.ports import Clock, Hsm, KeyStore, RevocationStore
 from broker.services.access import Access, RateLimiter
-from broker.services.audit import AuditLog
+from broker.services.audit import AuditDraft, AuditedService, AuditLog
 from broker.services.keys import MAX_TOKEN_TTL
 from broker.services.signing import TOKEN_PURPOSE, SigningKeys
+from broker.services.token_format import (
+    INVALID,
+    REQUIRED_CLAIMS,
+    TOKEN_TYPE,
+    decode_claims,
+    encode_payload,
+    token_kid,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = timedelta(minutes=5)
+#: The default clock-skew leeway, and the most the contract allows.
 LEEWAY = timedelta(seconds=5)
-MAX_TOKEN_BYTES = 8192
 MAX_JUSTIFICATION = 1024
 MAX_USES = 10_000
-TOKEN_TYPE = "at+jwt"
-REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "cnf")
-_FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "x5t", "x5t#S256", "crit"})
 _THUMBPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
 
-_BAD = "token is invalid; get a new one with Tokens.IssueToken"
+
+def _span(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _strict_json(data: bytes) -> dict[str, Any]:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, value in pairs:
-            if name in out:
-                raise ValueError("duplicate member")
-            out[name] = value
-        return out
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """What tokens this broker issues and accepts.
 
-    obj = json.loads(data, object_pairs_hook=no_duplicates)
-    if not isinstance(obj, dict):
-        raise ValueError("not an object")
-    return obj
+    Attributes:
+        issuer: the `iss` this broker writes and expects.
+        audience: the `aud` this broker writes and expects (its own id).
+        default_ttl: the lifetime of a token whose request names none (the grant caps it).
+        max_ttl: the longest lifetime issued or accepted; at most 1 hour.
+        leeway: clock skew tolerated on `nbf` and `iat` (never on `exp`); at most 5 seconds.
+        max_uses: the highest use limit a token may carry.
+    """
+
+    issuer: str
+    audience: str
+    default_ttl: timedelta = DEFAULT_TTL
+    max_ttl: timedelta = MAX_TOKEN_TTL
+    leeway: timedelta = LEEWAY
+    max_uses: int = MAX_USES
+
+    def __post_init__(self) -> None:
+        if not self.issuer or not self.audience:
+            raise ValueError("tokens need an issuer and an audience")
+        if not timedelta(seconds=1) <= self.max_ttl <= MAX_TOKEN_TTL:
+            raise ValueError("max_ttl must be between 1 second and 1 hour")
+        if not timedelta(seconds=1) <= self.default_ttl <= self.max_ttl:
+            raise ValueError("default_ttl must be between 1 second and max_ttl")
+        if not timedelta(0) <= self.leeway <= LEEWAY:
+            raise ValueError("leeway must be between 0 and 5 seconds")
+        if not 0 <= self.max_uses <= MAX_USES:
+            raise ValueError(f"max_uses must be between 0 and {MAX_USES}")
 
 
-def _b64decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+@dataclass(frozen=True, slots=True)
+class Authorized:
+    """A Decrypt that a token allows: the token's claims and the HSM object to decrypt with."""
+
+    claims: TokenClaims
+    hsm: Hsm
+    hsm_label: str
 
 
-class TokenService:
-    """Issues, verifies and revokes decryption tokens.
+class TokenService(AuditedService):
+    """Issues, verifies, authorizes and revokes decryption tokens.
 
     Args:
+        settings: issuer, audience and lifetimes.
         keys: key metadata (for grants).
         revocations: issued and revoked token ids.
         access: role, grant and jurisdiction checks.
         audit: the audit trail.
+        limiter: per-principal rate limit.
         clock: the time source; verification uses it too.
         signing: the HSM-held signing keys.
-        issuer: the `iss` this broker writes and expects.
-        audience: the `aud` this broker writes and expects (its own id).
-        limiter: per-principal rate limit.
     """
 
     def __init__(
         self,
+        settings: TokenSettings,
+        *,
         keys: KeyStore,
         revocations: RevocationStore,
         access: Access,
         audit: AuditLog,
+        limiter: RateLimiter,
         clock: Clock,
         signing: SigningKeys,
-        issuer: str,
-        audience: str,
-        limiter: RateLimiter,
     ) -> None:
+        super().__init__(audit, limiter)
+        self._settings = settings
         self._keys = keys
         self._revocations = revocations
         self._access = access
-        self._audit = audit
         self._clock = clock
         self._signing = signing
-        self._issuer = issuer
-        self._audience = audience
-        self._limiter = limiter
         self._decoder = jwt.PyJWT()
 
     # IssueToken ----------------------------------------------------------------------------
@@ -120,12 +151,16 @@ class TokenService:
         subject_thumbprint: str = "",
         max_uses: int = 0,
     ) -> tuple[str, TokenClaims]:
-        with self._audit.scope(
-            caller, "IssueToken", key_id=key_id, context=context, justification=justification
+        limits = self._settings
+        with self._call(
+            caller,
+            AuditOperation.ISSUE_TOKEN,
+            key_id=key_id,
+            context=context,
+            justification=justification,
         ) as draft:
-            self._limiter.check(caller.principal)
             validate_key_id(key_id)
-            ctx = validate_context(context)
+            ctx = draft.validated_context()
             justification = justification.strip()
             if not justification:
                 raise InvalidArgument("justification is required: say why the data is needed")
@@ -140,17 +175,19 @@ class TokenService:
                     )
             else:
                 subject, subject_thumbprint = caller.principal, caller.cert_thumbprint
-            if ttl is not None and (ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL):
-                raise InvalidArgument("ttl must be between 1 second and 1 hour")
-            if not 0 <= max_uses <= MAX_USES:
-                raise InvalidArgument(f"max_uses must be between 0 (no limit) and {MAX_USES}")
+            if ttl is not None and (ttl <= timedelta(0) or ttl > limits.max_ttl):
+                raise InvalidArgument(f"ttl must be between 1 second and {_span(limits.max_ttl)}")
+            if not 0 <= max_uses <= limits.max_uses:
+                raise InvalidArgument(
+                    f"max_uses must be between 0 (no limit) and {limits.max_uses}"
+                )
             key = self._keys.get_key(key_id)
             Access.require_usable(key)
             self._access.hsm_for(key)
             grants = Access.matching_grants(key, subject, Operation.DECRYPT, ctx)
-            allowed = max(g.max_token_ttl or MAX_TOKEN_TTL for g in grants)
+            allowed = min(max(g.max_token_ttl or limits.max_ttl for g in grants), limits.max_ttl)
             if ttl is None:
-                ttl = min(DEFAULT_TTL, allowed)
+                ttl = min(limits.default_ttl, allowed)
             elif ttl > allowed:
                 raise PermissionDenied(
                     f"ttl of {int(ttl.total_seconds())}s exceeds the grant's maximum of "
@@ -176,24 +213,7 @@ class TokenService:
             return token, claims
 
     def _sign(self, claims: TokenClaims) -> str:
-        payload = {
-            "iss": self._issuer,
-            "sub": claims.subject,
-            "aud": self._audience,
-            "iat": int(claims.issued_at.timestamp()),
-            "nbf": int(claims.not_before.timestamp()),
-            "exp": int(claims.expires_at.timestamp()),
-            "jti": claims.token_id,
-            "scope": {
-                "key_id": claims.key_id,
-                "operations": sorted(op.value for op in claims.operations),
-                "context": dict(claims.context),
-                "justification": claims.justification,
-                "max_uses": claims.max_uses,
-            },
-            "cnf": {"x5t#S256": claims.cert_thumbprint},
-        }
-        body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        body = encode_payload(claims, self._settings.issuer, self._settings.audience)
         return self._signing.sign_jws(TOKEN_PURPOSE, body, {"typ": TOKEN_TYPE})
 
     # Verification ----------------------------------------------------------------------------
@@ -211,33 +231,17 @@ class TokenService:
             Unauthenticated: any check failed. Messages tell the caller what to do and never
                 echo the token.
         """
-        if not token:
-            raise Unauthenticated("a token is required: get one with Tokens.IssueToken")
-        if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-            raise Unauthenticated(_BAD)
-        try:
-            head_b64, body_b64, _ = token.split(".")
-            header = _strict_json(_b64decode(head_b64))
-            _strict_json(_b64decode(body_b64))
-        except ValueError:
-            raise Unauthenticated(_BAD) from None
-        if (
-            header.get("alg") != "ES256"
-            or header.get("typ") != TOKEN_TYPE
-            or _FORBIDDEN_HEADERS & header.keys()
-            or not isinstance(header.get("kid"), str)
-        ):
-            raise Unauthenticated(_BAD)
-        public_key = self._signing.public_key(header["kid"], TOKEN_PURPOSE)
+        kid = token_kid(token)
+        public_key = self._signing.public_key(kid, TOKEN_PURPOSE)
         if public_key is None:
-            raise Unauthenticated(_BAD)
+            raise Unauthenticated(INVALID)
         try:
             payload = self._decoder.decode(
                 token,
                 key=public_key,
                 algorithms=["ES256"],
-                audience=self._audience,
-                issuer=self._issuer,
+                audience=self._settings.audience,
+                issuer=self._settings.issuer,
                 options={
                     "require": list(REQUIRED_CLAIMS),
                     "strict_aud": True,
@@ -248,15 +252,16 @@ class TokenService:
                 },
             )
         except jwt.InvalidTokenError:
-            raise Unauthenticated(_BAD) from None
-        claims = self._claims(payload)
+            raise Unauthenticated(INVALID) from None
+        claims = decode_claims(payload, self._settings.max_uses)
         now = self._clock.now()
+        leeway = self._settings.leeway
         if now >= claims.expires_at:
             raise Unauthenticated("token has expired; get a new one with Tokens.IssueToken")
-        if claims.not_before > now + LEEWAY or claims.issued_at > now + LEEWAY:
+        if claims.not_before > now + leeway or claims.issued_at > now + leeway:
             raise Unauthenticated("token is not valid yet; check the clocks")
-        if claims.expires_at - claims.issued_at > MAX_TOKEN_TTL:
-            raise Unauthenticated(_BAD)
+        if claims.expires_at - claims.issued_at > self._settings.max_ttl:
+            raise Unauthenticated(INVALID)
         if claims.subject != caller.principal or not hmac.compare_digest(
             claims.cert_thumbprint, caller.cert_thumbprint
         ):
@@ -267,49 +272,55 @@ class TokenService:
             raise Unauthenticated("token has been revoked")
         return claims
 
-    @staticmethod
-    def _claims(payload: dict[str, Any]) -> TokenClaims:
-        try:
-            scope = payload["scope"]
-            cnf = payload["cnf"]
-            ops = frozenset(Operation(op) for op in scope["operations"])
-            context = scope["context"]
-            fields_ok = (
-                isinstance(payload["sub"], str)
-                and isinstance(payload["jti"], str)
-                and isinstance(scope["key_id"], str)
-                and isinstance(scope["justification"], str)
-                and isinstance(context, dict)
-                and all(isinstance(v, str) for v in context.values())
-                and isinstance(cnf["x5t#S256"], str)
-                and all(isinstance(payload[c], int) for c in ("iat", "nbf", "exp"))
-                and isinstance(scope["max_uses"], int)
-                and 0 <= scope["max_uses"] <= MAX_USES
-            )
-            if not fields_ok:
-                raise TypeError
-            return TokenClaims(
-                token_id=payload["jti"],
-                subject=payload["sub"],
-                key_id=scope["key_id"],
-                operations=ops,
-                context=context,
-                justification=scope["justification"],
-                issued_at=datetime.fromtimestamp(payload["iat"], UTC),
-                not_before=datetime.fromtimestamp(payload["nbf"], UTC),
-                expires_at=datetime.fromtimestamp(payload["exp"], UTC),
-                cert_thumbprint=cnf["x5t#S256"],
-                max_uses=scope["max_uses"],
-            )
-        except (KeyError, TypeError, ValueError, OverflowError, OSError):
-            raise Unauthenticated(_BAD) from None
+    def authorize(
+        self,
+        draft: AuditDraft,
+        token: str,
+        key_id: str,
+        version: int,
+        context: Mapping[str, str],
+    ) -> Authorized:
+        """Lets the caller of a Decrypt use version `version` of `key_id` under `context` on
+        the strength of `token`, and counts one use of the token.
 
-    def consume_use(self, claims: TokenClaims) -> None:
-        """Counts one Decrypt against the token's use limit, if it has one.
+        Checks, in order: the token (see `verify`); its scope: the key, the decrypt operation,
+        each of its context entries present in `context`; the key's policy again, so a grant
+        withdrawn after issuance stops its tokens at once; the key and version able to decrypt
+        on an HSM whose jurisdiction the policy allows. The use is counted only then, so a
+        refused call does not use up a token.
+
+        Args:
+            draft: the call's audit draft: names the caller, and receives the token's id and
+                justification as soon as the token is verified.
+            token: the token presented.
+            key_id: the key the blob names.
+            version: the key version the blob names.
+            context: the request's validated context.
 
         Raises:
+            Unauthenticated: the token is not valid for this caller.
+            PermissionDenied: the token's scope or the key's policy does not cover the call.
+            FailedPrecondition, NotFound, Unavailable: the version cannot decrypt here.
             ResourceExhausted: the token has been used as often as it allows.
         """
+        claims = self.verify(token, draft.caller)
+        draft.token_id, draft.justification = claims.token_id, claims.justification
+        if not hmac.compare_digest(claims.key_id, key_id):
+            raise PermissionDenied(f"the token is for another key, not {key_id!r}")
+        if Operation.DECRYPT not in claims.operations:
+            raise PermissionDenied("the token does not allow decrypt")
+        for name, value in claims.context.items():
+            if context.get(name) != value:
+                raise PermissionDenied(
+                    f"the request's context does not carry the token's entry {name!r}"
+                )
+        key = self._keys.get_key(key_id)
+        Access.matching_grants(key, claims.subject, Operation.DECRYPT, claims.context)
+        hsm, label = self._access.decrypting_version(key, version)
+        self._consume_use(claims)
+        return Authorized(claims, hsm, label)
+
+    def _consume_use(self, claims: TokenClaims) -> None:
         if claims.max_uses and not self._revocations.consume_use(claims.token_id, claims.max_uses):
             raise ResourceExhausted(
                 f"token has been used its {claims.max_uses} allowed time(s); get a new one"
@@ -318,8 +329,7 @@ class TokenService:
     # RevokeToken -------------------------------------------------------------------------
 
     def revoke(self, caller: Caller, token_id: str) -> None:
-        with self._audit.scope(caller, "RevokeToken", token_id=token_id):
-            self._limiter.check(caller.principal)
+        with self._call(caller, AuditOperation.REVOKE_TOKEN, token_id=token_id):
             if not token_id or len(token_id) > 64:
                 raise InvalidArgument("token_id is required (the jti of the token)")
             subject = self._revocations.issued_subject(token_id)
@@ -331,7 +341,8 @@ class TokenService:
                 raise NotFound(f"no token with id {token_id!r} was issued by this broker")
             if not is_admin and subject != caller.principal:
                 raise PermissionDenied("only an admin or the token's subject may revoke it")
-            self._revocations.revoke(token_id, subject, self._clock.now() + MAX_TOKEN_TTL + LEEWAY)
+            keep_until = self._clock.now() + self._settings.max_ttl + self._settings.leeway
+            self._revocations.revoke(token_id, subject, keep_until)
 
     def jwks(self) -> dict[str, Any]:
         return self._signing.jwks()

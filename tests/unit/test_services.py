@@ -23,7 +23,7 @@ from broker.services.audit import AuditLog
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService, validate_policy
 from broker.services.signing import TOKEN_PURPOSE, SigningKeys
-from broker.services.tokens import TokenService
+from broker.services.tokens import TokenService, TokenSettings
 from tests.fakes.hsm import FakeHsm
 
 ADMIN = Caller("admin", "A" * 43, "r1")
@@ -51,15 +51,14 @@ class World:
         self.signing.ensure(TOKEN_PURPOSE, "local")
         self.keys = KeyService(self.store, self.access, self.audit, self.clock, "local", limiter)
         self.tokens = TokenService(
-            self.store,
-            self.store,
-            self.access,
-            self.audit,
-            self.clock,
-            self.signing,
-            "urn:i",
-            "urn:a",
-            limiter,
+            TokenSettings(issuer="urn:i", audience="urn:a"),
+            keys=self.store,
+            revocations=self.store,
+            access=self.access,
+            audit=self.audit,
+            limiter=limiter,
+            clock=self.clock,
+            signing=self.signing,
         )
         self.crypto = CryptoService(self.store, self.access, self.audit, self.tokens, limiter)
 
@@ -216,3 +215,66 @@ def test_audit_listing_pages_through_long_trails(world: World, monkeypatch) -> N
     )
     assert [e.sequence for e in world.store.events(AuditFilter(after_sequence=8))] == [9, 10]
     assert world.audit.verify().events_checked == 10
+
+
+def test_a_call_refused_by_the_rate_limit_is_audited(tmp_path: Path) -> None:
+    world = World(tmp_path, rate=0.0001)  # a burst of 2, then refused
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    world.keys.get(ADMIN, "k")
+    with pytest.raises(ResourceExhausted):
+        world.keys.get(ADMIN, "k")
+    event = world.events()[-1]
+    assert (event.operation, event.key_id, event.outcome) == ("GetKey", "k", Outcome.DENIED)
+    assert type(event.operation) is str
+
+
+def test_the_context_is_validated_once_per_call(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import broker.services.audit as audit_module
+
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    _, sealed = world.crypto.generate_data_key(PRODUCER, "k", {"d": "x"})
+    token, _ = world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None)
+    calls = []
+    real = audit_module.validate_context
+
+    def counting(context):  # type: ignore[no-untyped-def]
+        calls.append(dict(context))
+        return real(context)
+
+    monkeypatch.setattr(audit_module, "validate_context", counting)
+    assert world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token).key_id == "k"
+    assert calls == [{"d": "x"}]
+    calls.clear()
+    with pytest.raises(InvalidArgument):
+        world.crypto.decrypt(CONSUMER, sealed.blob, {"": "x"}, token)
+    assert len(calls) == 1 and world.events()[-1].context == {}
+
+
+def test_a_refused_decrypt_does_not_use_up_a_token(world: World) -> None:
+    world.keys.create(ADMIN, "k", "", POLICY, None, "")
+    _, sealed = world.crypto.generate_data_key(PRODUCER, "k", {"d": "x"})
+    token, claims = world.tokens.issue(CONSUMER, "k", {"d": "x"}, "why", None, max_uses=1)
+    world.keys.set_enabled(ADMIN, "k", False)
+    with pytest.raises(FailedPrecondition):
+        world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token)
+    denied = world.events()[-1]
+    assert (denied.operation, denied.token_id) == ("Decrypt", claims.token_id)
+    world.keys.set_enabled(ADMIN, "k", True)
+    world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token)
+    with pytest.raises(ResourceExhausted):
+        world.crypto.decrypt(CONSUMER, sealed.blob, {"d": "x"}, token)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"issuer": ""},
+        {"max_ttl": timedelta(hours=2)},
+        {"default_ttl": timedelta(hours=1, seconds=1)},
+        {"leeway": timedelta(seconds=6)},
+        {"max_uses": 10_001},
+    ],
+)
+def test_token_settings_keep_the_contract_s_bounds(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        TokenSettings(**{"issuer": "urn:i", "audience": "urn:a", **changes})  # type: ignore[arg-type]
