@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 from keybroker.v1 import audit_pb2, crypto_pb2, key_admin_pb2, resources_pb2, tokens_pb2
 from keybroker_client import cert_thumbprint
-from keybroker_client.cli import EXIT_CODES, cli
+from keybroker_client.cli import cli
+from keybroker_client.cli.errors import EXIT_CODES
 from keybroker_client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -717,3 +718,38 @@ def test_audit_verify_ok_and_broken(home: Path, fake: FakeBroker) -> None:
     as_json = run(home, "--json", "audit", "verify")
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout)["first_bad_sequence"] == 7
+
+
+def test_console_script_keeps_grpc_core_quiet(fake: FakeBroker, tmp_path: Path) -> None:
+    """The installed `keybroker` script: a TLS failure is one line, with no gRPC core log lines
+    (gRPC reads GRPC_VERBOSITY when first imported, so the script sets it before that)."""
+    import shutil
+    import subprocess
+    import sys
+
+    rogue = make_pki(tmp_path / "rogue", ("admin",))
+    script = shutil.which("keybroker", path=str(Path(sys.executable).parent))
+    assert script is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYBROKER_", "GRPC_"))}
+    proc = subprocess.run(
+        [
+            script,
+            "--target",
+            fake.target,
+            "--ca",
+            str(rogue.dir / "ca.pem"),
+            "--cert",
+            str(rogue.dir / "admin.pem"),
+            "--key",
+            str(rogue.dir / "admin.key"),
+            "keys",
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == EXIT_CODES[Unavailable]
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("keybroker: UNAVAILABLE: ")

@@ -32,11 +32,21 @@ from keybroker.v1 import (
     tokens_pb2,
 )
 from keybroker_client import (
+    AuditEvent,
+    AuditReport,
     ClientSettings,
     ConfigError,
     DataKey,
+    Grant,
+    Key,
     KeybrokerClient,
     KeybrokerError,
+    KeyPage,
+    KeyPolicy,
+    KeyState,
+    KeyVersion,
+    Operation,
+    Outcome,
     cert_thumbprint,
     errors,
     format_duration,
@@ -132,29 +142,29 @@ def test_policy_from_grants_builds_key_policy() -> None:
         ["fr", "DE", "FR"],
         max_token_ttl=dt.timedelta(minutes=15),
     )
-    expected = resources_pb2.KeyPolicy(
-        grants=[
-            resources_pb2.Grant(
+    expected = KeyPolicy(
+        grants=(
+            Grant(
                 principal="consumer",
-                operations=[resources_pb2.OPERATION_DECRYPT],
+                operations=(Operation.DECRYPT,),
                 context={"dataset": "cohort-42", "purpose": "study*"},
-                max_token_ttl={"seconds": 900},
+                max_token_ttl=dt.timedelta(seconds=900),
             ),
-            resources_pb2.Grant(
+            Grant(
                 principal="producer",
-                operations=[resources_pb2.OPERATION_ENCRYPT, resources_pb2.OPERATION_REWRAP],
+                operations=(Operation.ENCRYPT, Operation.REWRAP),
             ),
-            resources_pb2.Grant(
+            Grant(
                 principal="ops",
-                operations=[resources_pb2.OPERATION_DECRYPT, resources_pb2.OPERATION_ENCRYPT],
-                max_token_ttl={"seconds": 900},
+                operations=(Operation.DECRYPT, Operation.ENCRYPT),
+                max_token_ttl=dt.timedelta(seconds=900),
             ),
-        ],
-        allowed_jurisdictions=["FR", "DE"],
+        ),
+        allowed_jurisdictions=("FR", "DE"),
     )
     assert policy == expected
     # max_token_ttl only applies to grants that allow decrypt.
-    assert not policy.grants[1].HasField("max_token_ttl")
+    assert policy.grants[1].max_token_ttl is None
 
 
 def test_parse_grant_context_value_may_contain_colon_and_equals() -> None:
@@ -418,7 +428,12 @@ def test_create_key_sends_policy_rotation_and_hsm(
     (request,) = fake_broker.requests("CreateKey")
     assert request.key_id == "patients"
     assert request.description == "patient data"
-    assert request.policy == policy
+    assert request.policy == resources_pb2.KeyPolicy(
+        grants=[
+            resources_pb2.Grant(principal="producer", operations=[resources_pb2.OPERATION_ENCRYPT])
+        ],
+        allowed_jurisdictions=["FR"],
+    )
     assert request.rotation_period.ToTimedelta() == dt.timedelta(days=30)
     assert request.hsm == "hsm-fr"
 
@@ -589,3 +604,90 @@ def test_verify_audit_log(fake_broker: FakeBroker, kb: KeybrokerClient) -> None:
     )
     report = kb.verify_audit_log()
     assert (report.ok, report.first_bad_sequence) == (False, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SDK's own types: no protobuf message leaves the client
+
+
+def test_get_key_returns_a_key_with_enums_times_and_durations(
+    fake_broker: FakeBroker, kb: KeybrokerClient
+) -> None:
+    created = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+    key = make_key("patients", description="cohort data", hsm="hsm-fr", min_decryption_version=1)
+    key.state = resources_pb2.KEY_STATE_DISABLED
+    key.versions.add(version=1).create_time.FromDatetime(created)
+    key.create_time.FromDatetime(created)
+    key.rotation_period.FromTimedelta(dt.timedelta(days=30))
+    grant = key.policy.grants.add(
+        principal="consumer", operations=[resources_pb2.OPERATION_DECRYPT], context={"a": "1"}
+    )
+    grant.max_token_ttl.FromTimedelta(dt.timedelta(minutes=15))
+    key.policy.allowed_jurisdictions.append("FR")
+    fake_broker.responses["GetKey"] = key_admin_pb2.GetKeyResponse(key=key)
+    assert kb.get_key("patients") == Key(
+        key_id="patients",
+        description="cohort data",
+        state=KeyState.DISABLED,
+        primary_version=1,
+        versions=(KeyVersion(1, created),),
+        min_decryption_version=1,
+        policy=KeyPolicy(
+            grants=(Grant("consumer", (Operation.DECRYPT,), {"a": "1"}, dt.timedelta(minutes=15)),),
+            allowed_jurisdictions=("FR",),
+        ),
+        hsm="hsm-fr",
+        create_time=created,
+        rotation_period=dt.timedelta(days=30),
+    )
+
+
+def test_list_keys_returns_a_key_page(fake_broker: FakeBroker, kb: KeybrokerClient) -> None:
+    fake_broker.responses["ListKeys"] = key_admin_pb2.ListKeysResponse(
+        keys=[make_key("a")], next_page_token="n"
+    )
+    page = kb.list_keys(page_size=1)
+    assert page == KeyPage(
+        keys=(Key("a", state=KeyState.ENABLED, primary_version=1),), next_page_token="n"
+    )
+
+
+def test_update_key_policy_sends_the_policy(fake_broker: FakeBroker, kb: KeybrokerClient) -> None:
+    policy = KeyPolicy(grants=[Grant("ops", [Operation.REWRAP])], allowed_jurisdictions=["DE"])
+    kb.update_key_policy("k", policy)
+    (request,) = fake_broker.requests("UpdateKeyPolicy")
+    assert request.policy == resources_pb2.KeyPolicy(
+        grants=[resources_pb2.Grant(principal="ops", operations=[resources_pb2.OPERATION_REWRAP])],
+        allowed_jurisdictions=["DE"],
+    )
+
+
+def test_audit_events_and_report_are_sdk_types(
+    fake_broker: FakeBroker, kb: KeybrokerClient
+) -> None:
+    when = dt.datetime(2030, 1, 1, 12, 0, 5, tzinfo=dt.UTC)
+    response = _event(4, outcome=resources_pb2.OUTCOME_DENIED, context={"k": "v"}, hash="ab")
+    response.event.time.FromDatetime(when)
+    fake_broker.responses["ListAuditEvents"] = [response]
+    fake_broker.responses["VerifyAuditLog"] = audit_pb2.VerifyAuditLogResponse(
+        ok=True, events_checked=4, head_hash="ab"
+    )
+    (event,) = kb.audit_events()
+    assert event == AuditEvent(
+        sequence=4,
+        time=when,
+        operation="Decrypt",
+        context={"k": "v"},
+        outcome=Outcome.DENIED,
+        hash="ab",
+    )
+    assert kb.verify_audit_log() == AuditReport(ok=True, events_checked=4, head_hash="ab")
+
+
+def test_importing_the_cli_leaves_the_environment_alone() -> None:
+    code = (
+        "import os; os.environ.pop('GRPC_VERBOSITY', None);"
+        "import keybroker_client, keybroker_client.cli;"
+        "assert 'GRPC_VERBOSITY' not in os.environ"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,88 +1,59 @@
 """Client SDK and CLI for the keybroker key broker.
 
 The SDK talks to the broker over mutual TLS only. Start with :func:`resolve_settings` and
-:class:`KeybrokerClient`; errors are the flat classes in :mod:`keybroker_client.errors`.
-
-The names below are loaded on first use, so that ``keybroker_client.cli`` can configure gRPC's
-logging before ``grpc`` is imported.
+:class:`KeybrokerClient`. It takes and returns the plain values of :mod:`keybroker_client.types`
+(frozen dataclasses and enums, never protobuf messages); errors are the flat classes in
+:mod:`keybroker_client.errors`. The ``keybroker`` command line is :mod:`keybroker_client.cli`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from keybroker_client.client import (
-        DEFAULT_TIMEOUT,
-        DataKey,
-        Decrypted,
-        Encrypted,
-        IssuedToken,
-        KeybrokerClient,
-        cert_thumbprint,
-    )
-    from keybroker_client.config import ClientSettings, resolve_settings
-    from keybroker_client.errors import (
-        AlreadyExists,
-        ConfigError,
-        DeadlineExceeded,
-        FailedPrecondition,
-        InvalidArgument,
-        KeybrokerError,
-        NotFound,
-        PermissionDenied,
-        ResourceExhausted,
-        Unauthenticated,
-        Unavailable,
-        UnexpectedError,
-    )
-    from keybroker_client.parsing import (
-        format_duration,
-        parse_context,
-        parse_duration,
-        parse_grant,
-        policy_from_grants,
-    )
-
-_EXPORTS = {
-    "keybroker_client.client": (
-        "DEFAULT_TIMEOUT",
-        "DataKey",
-        "Decrypted",
-        "Encrypted",
-        "IssuedToken",
-        "KeybrokerClient",
-        "cert_thumbprint",
-    ),
-    "keybroker_client.config": ("ClientSettings", "resolve_settings"),
-    "keybroker_client.errors": (
-        "AlreadyExists",
-        "ConfigError",
-        "DeadlineExceeded",
-        "FailedPrecondition",
-        "InvalidArgument",
-        "KeybrokerError",
-        "NotFound",
-        "PermissionDenied",
-        "ResourceExhausted",
-        "Unauthenticated",
-        "Unavailable",
-        "UnexpectedError",
-    ),
-    "keybroker_client.parsing": (
-        "format_duration",
-        "parse_context",
-        "parse_duration",
-        "parse_grant",
-        "policy_from_grants",
-    ),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+from keybroker_client.certs import cert_thumbprint
+from keybroker_client.client import DEFAULT_TIMEOUT, KeybrokerClient
+from keybroker_client.config import ClientSettings, resolve_settings
+from keybroker_client.errors import (
+    AlreadyExists,
+    ConfigError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    KeybrokerError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    UnexpectedError,
+)
+from keybroker_client.parsing import (
+    format_duration,
+    parse_context,
+    parse_duration,
+    parse_grant,
+    policy_from_grants,
+)
+from keybroker_client.types import (
+    AuditEvent,
+    AuditReport,
+    DataKey,
+    Decrypted,
+    Encrypted,
+    Grant,
+    IssuedToken,
+    Key,
+    KeyPage,
+    KeyPolicy,
+    KeyState,
+    KeyVersion,
+    Operation,
+    Outcome,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AlreadyExists",
+    "AuditEvent",
+    "AuditReport",
     "ClientSettings",
     "ConfigError",
     "DataKey",
@@ -90,11 +61,19 @@ __all__ = [
     "Decrypted",
     "Encrypted",
     "FailedPrecondition",
+    "Grant",
     "InvalidArgument",
     "IssuedToken",
+    "Key",
+    "KeyPage",
+    "KeyPolicy",
+    "KeyState",
+    "KeyVersion",
     "KeybrokerClient",
     "KeybrokerError",
     "NotFound",
+    "Operation",
+    "Outcome",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
@@ -108,16 +87,3 @@ __all__ = [
     "policy_from_grants",
     "resolve_settings",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keybroker_client' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))

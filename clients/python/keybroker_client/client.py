@@ -1,5 +1,7 @@
 """The keybroker client: one mutual-TLS channel and one method per broker RPC.
 
+(Over 400 lines because it is one short method per RPC; conversions live in `_wire.py`.)
+
 Typical use::
 
     from keybroker_client import KeybrokerClient, resolve_settings
@@ -15,20 +17,15 @@ subclass, never a bare ``grpc.RpcError``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from google.protobuf import duration_pb2, message, timestamp_pb2
+from google.protobuf import duration_pb2, message
 from keybroker.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -36,26 +33,27 @@ from keybroker.v1 import (
     crypto_pb2_grpc,
     key_admin_pb2,
     key_admin_pb2_grpc,
-    resources_pb2,
     tokens_pb2,
     tokens_pb2_grpc,
 )
 
+from keybroker_client import _wire
 from keybroker_client.config import ClientSettings
 from keybroker_client.errors import ConfigError, error_from_rpc
-from keybroker_client.parsing import parse_duration, policy_from_grants
+from keybroker_client.parsing import parse_duration
+from keybroker_client.types import (
+    AuditEvent,
+    AuditReport,
+    DataKey,
+    Decrypted,
+    Encrypted,
+    IssuedToken,
+    Key,
+    KeyPage,
+    KeyPolicy,
+)
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "DataKey",
-    "Decrypted",
-    "Encrypted",
-    "IssuedToken",
-    "KeybrokerClient",
-    "cert_thumbprint",
-    "parse_duration",
-    "policy_from_grants",
-]
+__all__ = ["DEFAULT_TIMEOUT", "DurationLike", "KeybrokerClient"]
 
 DEFAULT_TIMEOUT = 10.0
 REQUEST_ID_HEADER = "x-request-id"
@@ -64,100 +62,8 @@ _Response = TypeVar("_Response", bound=message.Message)
 DurationLike = timedelta | str
 
 
-@dataclass(frozen=True, slots=True)
-class DataKey:
-    """A fresh data key from ``GenerateDataKey``.
-
-    Attributes:
-        plaintext_key: the 32-byte key to encrypt with locally; a secret, kept out of ``repr``.
-            Drop it as soon as the data is encrypted.
-        wrapped_key: the key wrapped by the broker; store it next to the ciphertext.
-        key_id: the broker key that wrapped it.
-        key_version: the version of that key.
-    """
-
-    plaintext_key: bytes = field(repr=False)
-    wrapped_key: bytes
-    key_id: str
-    key_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class Encrypted:
-    """A blob made by ``Encrypt`` or ``ReWrap``.
-
-    Attributes:
-        ciphertext: the self-describing blob (it names key and version).
-        key_id: the key it is encrypted under.
-        key_version: the key version it is encrypted under.
-    """
-
-    ciphertext: bytes
-    key_id: str
-    key_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class Decrypted:
-    """The result of ``Decrypt``.
-
-    Attributes:
-        plaintext: the decrypted bytes (a data key or a small payload); kept out of ``repr``.
-        key_id: the key the blob was encrypted under.
-        key_version: the key version the blob was encrypted under.
-    """
-
-    plaintext: bytes = field(repr=False)
-    key_id: str
-    key_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedToken:
-    """A decryption token from ``IssueToken``.
-
-    Attributes:
-        token: the signed JWT to pass to :meth:`KeybrokerClient.decrypt`; kept out of ``repr``.
-        token_id: the token's ``jti``, for :meth:`KeybrokerClient.revoke_token`.
-        expire_time: when the token stops being accepted (UTC).
-        max_uses: how many ``Decrypt`` calls the token allows; 0 means no limit.
-    """
-
-    token: str = field(repr=False)
-    token_id: str
-    expire_time: datetime | None
-    max_uses: int = 0
-
-
-def cert_thumbprint(pem_bytes: bytes) -> str:
-    """Computes the RFC 8705 ``x5t#S256`` thumbprint of a certificate.
-
-    Args:
-        pem_bytes: the certificate in PEM form (the first certificate is used).
-
-    Returns:
-        base64url without padding of the SHA-256 of the certificate's DER encoding.
-
-    Raises:
-        ValueError: the bytes are not a PEM certificate.
-    """
-    cert = x509.load_pem_x509_certificate(pem_bytes)
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
 def _duration(value: DurationLike) -> duration_pb2.Duration:
-    if isinstance(value, str):
-        value = parse_duration(value)
-    out = duration_pb2.Duration()
-    out.FromTimedelta(value)
-    return out
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
-    return out
+    return _wire.duration_to_proto(parse_duration(value) if isinstance(value, str) else value)
 
 
 def _read(path: Any, what: str) -> bytes:
@@ -255,14 +161,17 @@ class KeybrokerClient:
 
     # KeyAdmin
 
+    def _key_call(self, rpc: Callable[..., Any], request: message.Message) -> Key:
+        return _wire.key_from_proto(self._call(rpc, request).key)
+
     def create_key(
         self,
         key_id: str,
         description: str = "",
-        policy: resources_pb2.KeyPolicy | None = None,
+        policy: KeyPolicy | None = None,
         rotation_period: DurationLike | None = None,
         hsm: str = "",
-    ) -> resources_pb2.Key:
+    ) -> Key:
         """Creates a key; version 1 is generated in the HSM. Admin only.
 
         Args:
@@ -277,16 +186,16 @@ class KeybrokerClient:
         """
         request = key_admin_pb2.CreateKeyRequest(key_id=key_id, description=description, hsm=hsm)
         if policy is not None:
-            request.policy.CopyFrom(policy)
+            request.policy.CopyFrom(_wire.policy_to_proto(policy))
         if rotation_period is not None:
             request.rotation_period.CopyFrom(_duration(rotation_period))
-        return self._call(self._keys.CreateKey, request).key
+        return self._key_call(self._keys.CreateKey, request)
 
-    def get_key(self, key_id: str) -> resources_pb2.Key:
+    def get_key(self, key_id: str) -> Key:
         """Returns a key's metadata. Admin or auditor."""
-        return self._call(self._keys.GetKey, key_admin_pb2.GetKeyRequest(key_id=key_id)).key
+        return self._key_call(self._keys.GetKey, key_admin_pb2.GetKeyRequest(key_id=key_id))
 
-    def list_keys(self, page_size: int = 0, page_token: str = "") -> key_admin_pb2.ListKeysResponse:
+    def list_keys(self, page_size: int = 0, page_token: str = "") -> KeyPage:
         """Returns one page of keys in key id order. Admin or auditor.
 
         Args:
@@ -297,9 +206,9 @@ class KeybrokerClient:
             The page: ``keys`` and ``next_page_token`` (empty on the last page).
         """
         request = key_admin_pb2.ListKeysRequest(page_size=page_size, page_token=page_token)
-        return self._call(self._keys.ListKeys, request)
+        return _wire.key_page_from_proto(self._call(self._keys.ListKeys, request))
 
-    def iter_keys(self, page_size: int = 0) -> Iterator[resources_pb2.Key]:
+    def iter_keys(self, page_size: int = 0) -> Iterator[Key]:
         """Yields every key, following ``next_page_token`` from page to page."""
         token = ""
         while True:
@@ -309,27 +218,29 @@ class KeybrokerClient:
                 return
             token = page.next_page_token
 
-    def rotate_key(self, key_id: str) -> resources_pb2.Key:
+    def rotate_key(self, key_id: str) -> Key:
         """Makes a new version primary; older versions still decrypt. Admin only."""
-        return self._call(self._keys.RotateKey, key_admin_pb2.RotateKeyRequest(key_id=key_id)).key
+        return self._key_call(self._keys.RotateKey, key_admin_pb2.RotateKeyRequest(key_id=key_id))
 
-    def update_key_policy(self, key_id: str, policy: resources_pb2.KeyPolicy) -> resources_pb2.Key:
+    def update_key_policy(self, key_id: str, policy: KeyPolicy) -> Key:
         """Replaces the key's policy (all of it). Admin only."""
-        request = key_admin_pb2.UpdateKeyPolicyRequest(key_id=key_id, policy=policy)
-        return self._call(self._keys.UpdateKeyPolicy, request).key
+        request = key_admin_pb2.UpdateKeyPolicyRequest(
+            key_id=key_id, policy=_wire.policy_to_proto(policy)
+        )
+        return self._key_call(self._keys.UpdateKeyPolicy, request)
 
-    def enable_key(self, key_id: str) -> resources_pb2.Key:
+    def enable_key(self, key_id: str) -> Key:
         """Enables a disabled key. Admin only."""
-        return self._call(self._keys.EnableKey, key_admin_pb2.EnableKeyRequest(key_id=key_id)).key
+        return self._key_call(self._keys.EnableKey, key_admin_pb2.EnableKeyRequest(key_id=key_id))
 
-    def disable_key(self, key_id: str) -> resources_pb2.Key:
+    def disable_key(self, key_id: str) -> Key:
         """Disables a key: it neither encrypts nor decrypts until enabled. Admin only."""
         request = key_admin_pb2.DisableKeyRequest(key_id=key_id)
-        return self._call(self._keys.DisableKey, request).key
+        return self._key_call(self._keys.DisableKey, request)
 
     def schedule_key_destruction(
         self, key_id: str, pending_window: DurationLike | None = None
-    ) -> resources_pb2.Key:
+    ) -> Key:
         """Schedules destruction of every version after ``pending_window``. Admin only.
 
         Args:
@@ -339,12 +250,12 @@ class KeybrokerClient:
         request = key_admin_pb2.ScheduleKeyDestructionRequest(key_id=key_id)
         if pending_window is not None:
             request.pending_window.CopyFrom(_duration(pending_window))
-        return self._call(self._keys.ScheduleKeyDestruction, request).key
+        return self._key_call(self._keys.ScheduleKeyDestruction, request)
 
-    def cancel_key_destruction(self, key_id: str) -> resources_pb2.Key:
+    def cancel_key_destruction(self, key_id: str) -> Key:
         """Cancels a scheduled destruction; the key comes back disabled. Admin only."""
         request = key_admin_pb2.CancelKeyDestructionRequest(key_id=key_id)
-        return self._call(self._keys.CancelKeyDestruction, request).key
+        return self._key_call(self._keys.CancelKeyDestruction, request)
 
     # Crypto
 
@@ -357,13 +268,7 @@ class KeybrokerClient:
                 must be given to decrypt it.
         """
         request = crypto_pb2.GenerateDataKeyRequest(key_id=key_id, context=dict(context or {}))
-        response = self._call(self._crypto.GenerateDataKey, request)
-        return DataKey(
-            plaintext_key=response.plaintext_key,
-            wrapped_key=response.wrapped_key,
-            key_id=response.key_id,
-            key_version=response.key_version,
-        )
+        return _wire.data_key_from_proto(self._call(self._crypto.GenerateDataKey, request))
 
     def encrypt(
         self, key_id: str, plaintext: bytes, context: Mapping[str, str] | None = None
@@ -372,8 +277,7 @@ class KeybrokerClient:
         request = crypto_pb2.EncryptRequest(
             key_id=key_id, plaintext=plaintext, context=dict(context or {})
         )
-        response = self._call(self._crypto.Encrypt, request)
-        return Encrypted(response.ciphertext, response.key_id, response.key_version)
+        return _wire.encrypted_from_proto(self._call(self._crypto.Encrypt, request))
 
     def decrypt(
         self, ciphertext: bytes, context: Mapping[str, str] | None, token: str
@@ -388,8 +292,7 @@ class KeybrokerClient:
         request = crypto_pb2.DecryptRequest(
             ciphertext=ciphertext, context=dict(context or {}), token=token
         )
-        response = self._call(self._crypto.Decrypt, request)
-        return Decrypted(response.plaintext, response.key_id, response.key_version)
+        return _wire.decrypted_from_proto(self._call(self._crypto.Decrypt, request))
 
     def rewrap(self, ciphertext: bytes, context: Mapping[str, str] | None = None) -> Encrypted:
         """Re-encrypts a blob under its key's primary version; returns no plaintext.
@@ -397,8 +300,7 @@ class KeybrokerClient:
         Admin, or a principal granted ``rewrap``.
         """
         request = crypto_pb2.ReWrapRequest(ciphertext=ciphertext, context=dict(context or {}))
-        response = self._call(self._crypto.ReWrap, request)
-        return Encrypted(response.ciphertext, response.key_id, response.key_version)
+        return _wire.encrypted_from_proto(self._call(self._crypto.ReWrap, request))
 
     # Tokens
 
@@ -422,7 +324,7 @@ class KeybrokerClient:
             ttl: lifetime (default 5 minutes at the broker, capped by the grant and 1 hour).
             subject: admin only, the principal to issue for.
             subject_cert_thumbprint: admin only, with ``subject``: the ``x5t#S256`` of the
-                subject's certificate (see :func:`cert_thumbprint`).
+                subject's certificate (see :func:`~keybroker_client.certs.cert_thumbprint`).
             max_uses: how many ``Decrypt`` calls the token allows (0: no limit).
         """
         request = tokens_pb2.IssueTokenRequest(
@@ -435,18 +337,7 @@ class KeybrokerClient:
         )
         if ttl is not None:
             request.ttl.CopyFrom(_duration(ttl))
-        response = self._call(self._tokens.IssueToken, request)
-        expire = (
-            response.expire_time.ToDatetime(tzinfo=UTC)
-            if response.HasField("expire_time")
-            else None
-        )
-        return IssuedToken(
-            token=response.token,
-            token_id=response.token_id,
-            expire_time=expire,
-            max_uses=response.max_uses,
-        )
+        return _wire.issued_token_from_proto(self._call(self._tokens.IssueToken, request))
 
     def revoke_token(self, token_id: str) -> None:
         """Revokes a token everywhere. Admin, or the token's subject."""
@@ -471,7 +362,7 @@ class KeybrokerClient:
         after_sequence: int = 0,
         limit: int = 0,
         timeout: float | None = None,
-    ) -> Iterator[resources_pb2.AuditEvent]:
+    ) -> Iterator[AuditEvent]:
         """Streams audit events in sequence order; empty filters match everything.
 
         Args:
@@ -485,7 +376,7 @@ class KeybrokerClient:
             timeout: deadline of the whole stream in seconds; default the client's timeout.
 
         Yields:
-            AuditEvent protos. Errors are raised while iterating.
+            The events. Errors are raised while iterating.
         """
         request = audit_pb2.ListAuditEventsRequest(
             key_id=key_id,
@@ -495,9 +386,9 @@ class KeybrokerClient:
             limit=limit,
         )
         if start_time is not None:
-            request.start_time.CopyFrom(_timestamp(start_time))
+            request.start_time.CopyFrom(_wire.timestamp_to_proto(start_time))
         if end_time is not None:
-            request.end_time.CopyFrom(_timestamp(end_time))
+            request.end_time.CopyFrom(_wire.timestamp_to_proto(end_time))
         request_id = str(uuid.uuid4())
         stream = self._audit.ListAuditEvents(
             request,
@@ -506,18 +397,19 @@ class KeybrokerClient:
         )
         try:
             for item in stream:
-                yield item.event
+                yield _wire.audit_event_from_proto(item.event)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, request_id=request_id) from None
         finally:
             # Stops the server-side stream if the caller leaves the loop early.
             stream.cancel()
 
-    def verify_audit_log(self) -> audit_pb2.VerifyAuditLogResponse:
+    def verify_audit_log(self) -> AuditReport:
         """Walks the audit hash chain and checkpoints at the broker.
 
         Returns:
             The report: ``ok``, ``events_checked``, ``first_bad_sequence``, ``error``,
             ``head_hash``. Check ``ok``; a broken log is not raised as an error.
         """
-        return self._call(self._audit.VerifyAuditLog, audit_pb2.VerifyAuditLogRequest())
+        response = self._call(self._audit.VerifyAuditLog, audit_pb2.VerifyAuditLogRequest())
+        return _wire.audit_report_from_proto(response)

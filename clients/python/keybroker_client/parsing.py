@@ -14,15 +14,11 @@ import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-from keybroker.v1 import resources_pb2
+from keybroker_client.types import Grant, KeyPolicy, Operation
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_OPERATIONS: dict[str, resources_pb2.Operation] = {
-    "encrypt": resources_pb2.OPERATION_ENCRYPT,
-    "decrypt": resources_pb2.OPERATION_DECRYPT,
-    "rewrap": resources_pb2.OPERATION_REWRAP,
-}
+_OPERATIONS = {op.value: op for op in (Operation.ENCRYPT, Operation.DECRYPT, Operation.REWRAP)}
 _JURISDICTION = re.compile(r"[A-Za-z]{2}")
 
 
@@ -103,7 +99,7 @@ def parse_context(entries: Iterable[str]) -> dict[str, str]:
     return context
 
 
-def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> resources_pb2.Grant:
+def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> Grant:
     """Parses one grant, ``PRINCIPAL:OPS[:k=v,k2=v2]``.
 
     OPS is one or more of ``encrypt``, ``decrypt``, ``rewrap`` joined with ``+`` (or ``,``).
@@ -117,7 +113,7 @@ def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> resourc
         max_token_ttl: set as the grant's ``max_token_ttl`` if the grant allows ``decrypt``.
 
     Returns:
-        The Grant proto.
+        The grant.
 
     Raises:
         ValueError: the text does not follow the syntax or names an unknown operation.
@@ -129,7 +125,7 @@ def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> resourc
     names = [n.strip().lower() for n in re.split(r"[+,]", ops_text) if n.strip()]
     if not names:
         raise ValueError(f"bad grant {text!r}: name at least one of encrypt, decrypt, rewrap")
-    operations: list[resources_pb2.Operation] = []
+    operations: list[Operation] = []
     for name in names:
         if name not in _OPERATIONS:
             raise ValueError(
@@ -142,10 +138,12 @@ def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> resourc
         context = parse_context(e for e in context_text.split(",") if e)
     except ValueError as exc:
         raise ValueError(f"bad grant {text!r}: {exc}") from None
-    grant = resources_pb2.Grant(principal=principal.strip(), operations=operations, context=context)
-    if max_token_ttl is not None and resources_pb2.OPERATION_DECRYPT in operations:
-        grant.max_token_ttl.FromTimedelta(max_token_ttl)
-    return grant
+    return Grant(
+        principal=principal.strip(),
+        operations=tuple(operations),
+        context=context,
+        max_token_ttl=max_token_ttl if Operation.DECRYPT in operations else None,
+    )
 
 
 def policy_from_grants(
@@ -153,8 +151,8 @@ def policy_from_grants(
     jurisdictions: Iterable[str] = (),
     *,
     max_token_ttl: timedelta | None = None,
-) -> resources_pb2.KeyPolicy:
-    """Builds a KeyPolicy from grants in the CLI syntax (see :func:`parse_grant`).
+) -> KeyPolicy:
+    """Builds a :class:`KeyPolicy` from grants in the CLI syntax (see :func:`parse_grant`).
 
     Args:
         grants: grant strings such as ``consumer:decrypt:dataset=cohort-42``.
@@ -163,7 +161,7 @@ def policy_from_grants(
         max_token_ttl: the longest token lifetime for the grants that allow ``decrypt``.
 
     Returns:
-        The KeyPolicy proto.
+        The policy, ready for ``create_key`` or ``update_key_policy``.
 
     Raises:
         ValueError: a grant or a jurisdiction code is malformed.
@@ -176,9 +174,9 @@ def policy_from_grants(
             )
         if code.strip().upper() not in codes:
             codes.append(code.strip().upper())
-    return resources_pb2.KeyPolicy(
-        grants=[parse_grant(g, max_token_ttl=max_token_ttl) for g in grants],
-        allowed_jurisdictions=codes,
+    return KeyPolicy(
+        grants=tuple(parse_grant(g, max_token_ttl=max_token_ttl) for g in grants),
+        allowed_jurisdictions=tuple(codes),
     )
 
 

@@ -1,61 +1,46 @@
-"""Turns broker messages into plain dicts (for --json) and short text (for people)."""
+"""Turns the SDK's values into plain dicts (for --json) and short text (for people)."""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import duration_pb2, message, timestamp_pb2
-from keybroker.v1 import audit_pb2, resources_pb2
-
 from keybroker_client.parsing import format_duration
+from keybroker_client.types import AuditEvent, AuditReport, Grant, Key
 
 
-def _enum_suffix(enum_name: str, prefix: str) -> str:
-    return enum_name.removeprefix(prefix)
-
-
-def timestamp_text(parent: message.Message, field_name: str) -> str | None:
-    """ISO 8601 UTC text of a Timestamp field, or None when the field is unset."""
-    if not parent.HasField(field_name):
+def time_text(value: datetime | None) -> str | None:
+    """ISO 8601 UTC text such as ``2030-01-01T12:00:00Z``, or None for an unset time."""
+    if value is None:
         return None
-    value: timestamp_pb2.Timestamp = getattr(parent, field_name)
-    return value.ToDatetime(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def duration_text(parent: message.Message, field_name: str) -> str | None:
-    """``1h30m`` text of a Duration field, or None when the field is unset."""
-    if not parent.HasField(field_name):
-        return None
-    value: duration_pb2.Duration = getattr(parent, field_name)
-    return format_duration(value.ToTimedelta())
+def duration_text(value: timedelta | None) -> str | None:
+    """``1h30m`` text of a duration, or None for an unset one."""
+    return None if value is None else format_duration(value)
 
 
-def operation_name(op: int) -> str:
-    """``encrypt`` for OPERATION_ENCRYPT, and so on."""
-    return _enum_suffix(resources_pb2.Operation.Name(op), "OPERATION_").lower()
-
-
-def grant_to_dict(grant: resources_pb2.Grant) -> dict[str, Any]:
+def grant_to_dict(grant: Grant) -> dict[str, Any]:
     """A Grant as a JSON-ready dict."""
     return {
         "principal": grant.principal,
-        "operations": [operation_name(op) for op in grant.operations],
+        "operations": [op.value for op in grant.operations],
         "context": dict(sorted(grant.context.items())),
-        "max_token_ttl": duration_text(grant, "max_token_ttl"),
+        "max_token_ttl": duration_text(grant.max_token_ttl),
     }
 
 
-def key_to_dict(key: resources_pb2.Key) -> dict[str, Any]:
+def key_to_dict(key: Key) -> dict[str, Any]:
     """A Key as a JSON-ready dict (times ISO 8601 UTC, durations like ``30d``)."""
     return {
         "key_id": key.key_id,
         "description": key.description,
-        "state": _enum_suffix(resources_pb2.KeyState.Name(key.state), "KEY_STATE_"),
+        "state": key.state.value,
         "primary_version": key.primary_version,
         "versions": [
-            {"version": v.version, "create_time": timestamp_text(v, "create_time")}
-            for v in key.versions
+            {"version": v.version, "create_time": time_text(v.create_time)} for v in key.versions
         ],
         "min_decryption_version": key.min_decryption_version,
         "policy": {
@@ -63,14 +48,14 @@ def key_to_dict(key: resources_pb2.Key) -> dict[str, Any]:
             "allowed_jurisdictions": list(key.policy.allowed_jurisdictions),
         },
         "hsm": key.hsm,
-        "create_time": timestamp_text(key, "create_time"),
-        "rotation_period": duration_text(key, "rotation_period"),
-        "next_rotation_time": timestamp_text(key, "next_rotation_time"),
-        "destroy_time": timestamp_text(key, "destroy_time"),
+        "create_time": time_text(key.create_time),
+        "rotation_period": duration_text(key.rotation_period),
+        "next_rotation_time": time_text(key.next_rotation_time),
+        "destroy_time": time_text(key.destroy_time),
     }
 
 
-def key_text(key: resources_pb2.Key) -> str:
+def key_text(key: Key) -> str:
     """A Key as a few aligned lines for people."""
     data = key_to_dict(key)
     jurisdictions = ", ".join(data["policy"]["allowed_jurisdictions"]) or "EU/EEA (default)"
@@ -101,18 +86,18 @@ def key_text(key: resources_pb2.Key) -> str:
     return "\n".join(lines)
 
 
-def key_row(key: resources_pb2.Key) -> str:
+def key_row(key: Key) -> str:
     """One line per key for ``keys list``."""
-    state = _enum_suffix(resources_pb2.KeyState.Name(key.state), "KEY_STATE_")
+    state = key.state.value
     line = f"{key.key_id:<32} {state:<20} v{key.primary_version:<4} {key.hsm or '-':<16} "
     return (line + key.description).rstrip()
 
 
-def event_to_dict(event: resources_pb2.AuditEvent) -> dict[str, Any]:
+def event_to_dict(event: AuditEvent) -> dict[str, Any]:
     """An AuditEvent as a JSON-ready dict."""
     return {
         "sequence": event.sequence,
-        "time": timestamp_text(event, "time"),
+        "time": time_text(event.time),
         "principal": event.principal,
         "operation": event.operation,
         "key_id": event.key_id,
@@ -120,7 +105,7 @@ def event_to_dict(event: resources_pb2.AuditEvent) -> dict[str, Any]:
         "token_id": event.token_id,
         "context": dict(sorted(event.context.items())),
         "justification": event.justification,
-        "outcome": _enum_suffix(resources_pb2.Outcome.Name(event.outcome), "OUTCOME_"),
+        "outcome": event.outcome.value,
         "reason": event.reason,
         "request_id": event.request_id,
         "prev_hash": event.prev_hash,
@@ -128,7 +113,7 @@ def event_to_dict(event: resources_pb2.AuditEvent) -> dict[str, Any]:
     }
 
 
-def event_line(event: resources_pb2.AuditEvent) -> str:
+def event_line(event: AuditEvent) -> str:
     """One line per event: sequence, time, principal, operation, key, version, outcome, reason."""
     data = event_to_dict(event)
     version = f"v{data['key_version']}" if data["key_version"] else "-"
@@ -146,8 +131,8 @@ def event_line(event: resources_pb2.AuditEvent) -> str:
     )
 
 
-def verify_to_dict(report: audit_pb2.VerifyAuditLogResponse) -> dict[str, Any]:
-    """A VerifyAuditLogResponse as a JSON-ready dict."""
+def report_to_dict(report: AuditReport) -> dict[str, Any]:
+    """An AuditReport as a JSON-ready dict."""
     return {
         "ok": report.ok,
         "events_checked": report.events_checked,
