@@ -33,8 +33,10 @@ from broker.services.access import Access, RateLimiter
 from broker.services.audit import AuditDraft, AuditedService, AuditLog
 from broker.services.keys import MAX_TOKEN_TTL
 from broker.services.signing import TOKEN_PURPOSE, SigningKeys
+from broker.services.token_cache import VerifiedTokenCache
 from broker.services.token_format import (
     INVALID,
+    MAX_TOKEN_BYTES,
     REQUIRED_CLAIMS,
     TOKEN_TYPE,
     decode_claims,
@@ -115,6 +117,7 @@ class TokenService(AuditedService):
         limiter: per-principal rate limit.
         clock: the time source; verification uses it too.
         signing: the HSM-held signing keys.
+        verified: tokens verified before (a fresh bounded cache when None).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class TokenService(AuditedService):
         limiter: RateLimiter,
         clock: Clock,
         signing: SigningKeys,
+        verified: VerifiedTokenCache | None = None,
     ) -> None:
         super().__init__(audit, limiter)
         self._settings = settings
@@ -137,6 +141,7 @@ class TokenService(AuditedService):
         self._clock = clock
         self._signing = signing
         self._decoder = jwt.PyJWT()
+        self._verified = VerifiedTokenCache() if verified is None else verified
 
     # IssueToken ----------------------------------------------------------------------------
 
@@ -231,30 +236,15 @@ class TokenService(AuditedService):
             Unauthenticated: any check failed. Messages tell the caller what to do and never
                 echo the token.
         """
-        kid = token_kid(token)
-        public_key = self._signing.public_key(kid, TOKEN_PURPOSE)
-        if public_key is None:
+        if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated(INVALID)
-        try:
-            payload = self._decoder.decode(
-                token,
-                key=public_key,
-                algorithms=["ES256"],
-                audience=self._settings.audience,
-                issuer=self._settings.issuer,
-                options={
-                    "require": list(REQUIRED_CLAIMS),
-                    "strict_aud": True,
-                    # Time is checked below against the injected clock.
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                },
-            )
-        except jwt.InvalidTokenError:
-            raise Unauthenticated(INVALID) from None
-        claims = decode_claims(payload, self._settings.max_uses)
         now = self._clock.now()
+        digest = VerifiedTokenCache.digest(token)
+        claims = self._verified.get(digest, now)
+        if claims is None:
+            claims = self._verify_signature(token)
+            if now < claims.expires_at:
+                self._verified.put(digest, claims)
         leeway = self._settings.leeway
         if now >= claims.expires_at:
             raise Unauthenticated("token has expired; get a new one with Tokens.IssueToken")
@@ -271,6 +261,33 @@ class TokenService(AuditedService):
         if self._revocations.is_revoked(claims.token_id):
             raise Unauthenticated("token has been revoked")
         return claims
+
+    def _verify_signature(self, token: str) -> TokenClaims:
+        """The checks whose outcome depends on the token's bytes alone: shape, header,
+        signature, issuer, audience, required claims, claim types."""
+        kid = token_kid(token)
+        public_key = self._signing.public_key(kid, TOKEN_PURPOSE)
+        if public_key is None:
+            raise Unauthenticated(INVALID)
+        try:
+            payload = self._decoder.decode(
+                token,
+                key=public_key,
+                algorithms=["ES256"],
+                audience=self._settings.audience,
+                issuer=self._settings.issuer,
+                options={
+                    "require": list(REQUIRED_CLAIMS),
+                    "strict_aud": True,
+                    # Time is checked by `verify` against the injected clock, on every call.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidTokenError:
+            raise Unauthenticated(INVALID) from None
+        return decode_claims(payload, self._settings.max_uses)
 
     def authorize(
         self,
