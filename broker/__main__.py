@@ -6,13 +6,16 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from broker import logs
 from broker.app import build_app
-from broker.config import ConfigError, load_settings
+from broker.config import ConfigError, Settings, load_settings
+from broker.supervisor import run_workers
 from broker.transport.server import HealthMonitor, create_server
 
 log = logging.getLogger("broker")
@@ -49,8 +52,16 @@ def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -
     default=None,
     help="TOML configuration file.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Broker processes sharing the port (SO_REUSEPORT) [default: 1, or `workers`].",
+)
 @click.option("--log-level", default="INFO", show_default=True)
-def main(home: Path, listen: str | None, config_file: Path | None, log_level: str) -> None:
+def main(
+    home: Path, listen: str | None, config_file: Path | None, workers: int | None, log_level: str
+) -> None:
     """Run the keybroker key broker."""
     logs.configure(log_level)
     try:
@@ -59,12 +70,50 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
         # One line naming the file and the setting; no traceback for a configuration mistake.
         click.echo(f"keybroker-server: {exc}", err=True)
         sys.exit(2)
+    if workers is not None:
+        settings = replace(settings, workers=workers)
+    host = settings.listen.rsplit(":", 1)[0]
+    addr_file = settings.home / "listen.addr"
+
+    def on_ready(port: int) -> None:
+        addr_file.write_text(f"{host}:{port}\n")
+        hsm_cfg = next(h for h in settings.hsms if h.name == settings.default_hsm)
+        banner = _banner(settings.home, port, host, hsm_cfg.name, hsm_cfg.jurisdiction)
+        if settings.workers > 1:
+            banner = banner.replace(" (mutual TLS)", f" (mutual TLS, {settings.workers} workers)")
+        click.echo(banner)
+
+    try:
+        if settings.workers > 1:
+            code = run_workers(settings, prepare, serve, on_ready)
+        else:
+            code = serve(settings, False, on_ready)
+    finally:
+        addr_file.unlink(missing_ok=True)
+    if code:
+        sys.exit(code)
+    log.info("stopped")
+
+
+def prepare(settings: Settings) -> int:
+    """Builds the broker once and closes it: the first start's set-up, before workers fork."""
+    try:
+        build_app(settings).close()
+    except Exception as exc:
+        log.error("start-up failed: %s", exc)
+        log.debug("start-up failure", exc_info=True)
+        return 2
+    return 0
+
+
+def serve(settings: Settings, reuse_port: bool, on_ready: Callable[[int], None]) -> int:
+    """Runs one broker process until SIGTERM or SIGINT, then drains it; returns the exit code."""
     try:
         app = build_app(settings)
     except Exception as exc:
         log.error("start-up failed: %s", exc)
         log.debug("start-up failure", exc_info=True)
-        sys.exit(2)
+        return 2
     try:
         running = create_server(
             app.services,
@@ -73,17 +122,12 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
             settings.insecure_listen,
             settings.max_workers,
             settings.max_concurrent_rpcs,
+            reuse_port=reuse_port,
         )
     except (OSError, RuntimeError) as exc:
         log.error("cannot listen on %s: %s", settings.listen, exc)
         app.close()
-        sys.exit(2)
-    host = settings.listen.rsplit(":", 1)[0]
-    addr_file = settings.home / "listen.addr"
-    addr_file.write_text(f"{host}:{running.port}\n")
-    hsm_cfg = next(h for h in settings.hsms if h.name == settings.default_hsm)
-    click.echo(_banner(settings.home, running.port, host, hsm_cfg.name, hsm_cfg.jurisdiction))
-
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -93,12 +137,12 @@ def main(home: Path, listen: str | None, config_file: Path | None, log_level: st
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     monitor = HealthMonitor(running, [h.check for h in app.hsms.values()]).start()
+    on_ready(running.port)
     stop.wait()
     monitor.stop()
     running.stop(settings.grace_seconds)
     app.close()
-    addr_file.unlink(missing_ok=True)
-    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ class Settings:
     rate_limit_per_second: float = 0.0
     rate_limit_burst: int = 100
     grace_seconds: float = 5.0
+    #: Broker processes sharing the listening port (SO_REUSEPORT), each with its own
+    #: PKCS#11 sessions, gRPC server and audit chain.
+    workers: int = 1
 
     @property
     def issuer(self) -> str:
@@ -192,6 +195,8 @@ OPTIONS: tuple[Option, ...] = (
            default_text="the first `[[hsm]]`"),
     Option("", "database", T.PATH, "the SQLite database", default_text="`HOME/keybroker.db`"),
     Option("", "grace_seconds", T.NUMBER, "time calls in flight get to finish after SIGTERM"),
+    Option("", "workers", T.INTEGER, "broker processes on one port (SO_REUSEPORT), 1 to 64",
+           env="KEYBROKER_WORKERS"),
     Option("roles", "admins", T.NAMES, "principals with the admin role", env="KEYBROKER_ADMINS"),
     Option("roles", "auditors", T.NAMES, "principals with the auditor role",
            env="KEYBROKER_AUDITORS"),
@@ -395,4 +400,6 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError("listen must be HOST:PORT")
     if settings.max_workers < 1 or settings.max_concurrent_rpcs < 1:
         raise ConfigError("limits must be positive")
+    if not 1 <= settings.workers <= 64:
+        raise ConfigError("workers must be between 1 and 64")
     return settings
