@@ -262,3 +262,17 @@ def test_unknown_token_label_is_unavailable(softhsm: Softhsm) -> None:
     with pytest.raises(HsmUnavailable, match="no initialised PKCS#11 token"):
         adapter.check()
     assert library.initialized  # a configuration error never re-initialises the module
+
+
+def test_byte_results_come_back_whole_through_the_fast_copy() -> None:
+    """The gate copies PyKCS11 byte vectors in one go; the self-check must pass here, and the
+    copy must equal the slow element-by-element conversion for every length."""
+    import PyKCS11 as P
+
+    from broker.adapters.pkcs11 import gate
+
+    assert gate._storage_layout_ok()
+    for length in (0, 1, 15, 16, 17, 48, 255, 4096):
+        data = bytes((i * 7 + length) % 256 for i in range(length))
+        vector = P.ckbytelist(data)
+        assert gate.vector_bytes(vector) == bytes(vector) == data
