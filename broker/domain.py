@@ -6,14 +6,14 @@ Pure data and pure rules (validation, context matching); no I/O, no grpc, no PyK
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
+
+from keybroker_client import evidence
 
 from broker.errors import InvalidArgument, Unauthenticated
 
@@ -76,6 +76,7 @@ class AuditOperation(enum.StrEnum):
     REVOKE_TOKEN = "RevokeToken"
     LIST_AUDIT_EVENTS = "ListAuditEvents"
     VERIFY_AUDIT_LOG = "VerifyAuditLog"
+    EXPORT_AUDIT_LOG = "ExportAuditLog"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +201,9 @@ class TokenClaims:
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
+    """One event of the trail (docs/audit.md). `sequence` is the store's order, for reading;
+    `chain` and `chain_sequence` place it in its writer's hash chain."""
+
     sequence: int
     time: datetime
     principal: str
@@ -214,6 +218,8 @@ class AuditEvent:
     request_id: str
     prev_hash: str
     hash: str
+    chain: str = ""
+    chain_sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,29 +285,6 @@ def canonical_context(context: Mapping[str, str]) -> bytes:
 
 
 def format_time(value: datetime) -> str:
-    """The one textual form of a time in audit records: UTC, microseconds, ISO 8601."""
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def audit_digest(event: AuditEvent) -> str:
-    """Hex SHA-256 over the previous hash and this event's canonical JSON (without `hash`).
-
-    This is the chain rule `VerifyAuditLog` and the offline verifier recompute.
-    """
-    body = {
-        "sequence": event.sequence,
-        "time": format_time(event.time),
-        "principal": event.principal,
-        "operation": event.operation,
-        "key_id": event.key_id,
-        "key_version": event.key_version,
-        "token_id": event.token_id,
-        "context": dict(sorted(event.context.items())),
-        "justification": event.justification,
-        "outcome": event.outcome.value,
-        "reason": event.reason,
-        "request_id": event.request_id,
-        "prev_hash": event.prev_hash,
-    }
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(bytes.fromhex(event.prev_hash) + canonical.encode("utf-8")).hexdigest()
+    """The one textual form of a time in audit records: UTC, microseconds,
+    `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see `keybroker_client.evidence`, which defines the records)."""
+    return evidence.format_time(value)

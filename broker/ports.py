@@ -7,10 +7,11 @@ only the domain exceptions of `broker.errors`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.domain import AuditEvent, AuditFilter, Key
 
@@ -130,6 +131,17 @@ class Hsm(Protocol):
             HsmObjectMissing: nothing on the token carries that label.
         """
 
+    def write_anchor(self, label: str, data: bytes) -> None:
+        """Stores `data` as the token's one data object labelled `label`, replacing any
+        older one: a private token object (`CKO_DATA`, application "keybroker-audit") that
+        only a holder of the PIN can read, change or delete. The new object is made before
+        the old one goes, so a crash in between leaves both, never neither.
+        """
+
+    def read_anchors(self, prefix: str) -> dict[str, list[bytes]]:
+        """The values of the anchors whose label starts with `prefix`, by label (normally one
+        value each; two after a crash inside `write_anchor`)."""
+
     def check(self) -> None:
         """Cheap liveness probe; raises HsmUnavailable when the token is unreachable."""
 
@@ -182,26 +194,85 @@ class RevocationStore(Protocol):
         """
 
 
+#: A record of the trail as `keybroker_client.evidence` defines it: a JSON object (chain
+#: record, event or checkpoint). Read back from a store it may be malformed: the verifier says so.
+Record = dict[str, Any]
+
+
+class AuditSnapshot(Protocol):
+    """One consistent view of the audit tables (a read transaction), for verifying and export."""
+
+    def chains(self) -> list[Record]:
+        """Every chain record (`{"type": "chain", ...}`), in the order they were added."""
+
+    def checkpoints(self) -> list[Record]:
+        """Every checkpoint record, in the order they were added."""
+
+    def events(self, after_sequence: int = 0) -> Iterator[Record]:
+        """Event records with a greater `sequence`, in `sequence` order, as stored (a damaged
+        row comes as a record the verifier reports as malformed, never as an exception)."""
+
+    def event_chains(self, after_sequence: int = 0) -> list[str]:
+        """The chains with events after `after_sequence`."""
+
+    def last_sequence(self) -> int:
+        """The greatest `sequence` (0 for an empty trail)."""
+
+
 class AuditStore(Protocol):
-    """The append-only audit table."""
+    """The append-only audit tables: events, chain records, checkpoints.
 
-    def append(self, build: Callable[[int, str], AuditEvent]) -> AuditEvent:
-        """Appends one event atomically and durably.
+    Each writer appends to its own chain (docs/audit.md), so appends need no lock shared
+    between writers beyond the database's own write transaction.
+    """
 
-        Inside one transaction that excludes every other appender (across processes and
-        machines), reads the last sequence number and hash, calls
-        `build(next_sequence, prev_hash)`, inserts what it returns and commits.
-        The genesis prev_hash is 64 '0' characters.
+    def append_batch(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Inserts events (their chain position and hash already set) in one transaction,
+        durably, and returns the `sequence` the store gave each (increasing).
 
         Raises:
-            AuditUnavailable: the event could not be made durable; nothing was written.
+            AuditUnavailable: the batch could not be made durable; nothing of it was written.
         """
 
-    def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
-        """Events matching the filter, in sequence order."""
+    def add_chain(self, record: Record) -> None:
+        """Stores a signed chain record. Raises AuditUnavailable."""
 
-    def all_events(self) -> Iterator[AuditEvent]:
-        """Every event in sequence order, for verification."""
+    def add_checkpoint(self, record: Record) -> None:
+        """Stores a signed checkpoint record. Raises AuditUnavailable."""
+
+    def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
+        """Events matching the filter, in sequence order; a damaged row is skipped (logged)."""
+
+    def snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        """A consistent read view of the audit tables, for as long as the context lasts.
+
+        Raises:
+            AuditUnavailable: the store cannot be read.
+        """
+
+
+class AuditSink(Protocol):
+    """A secondary copy of the audit trail, such as a SIEM feed; best effort.
+
+    It receives events only once the `AuditStore` holds them durably, and the store stays the
+    one whose failure fails a call: a sink that is slow or down loses events (counted and
+    logged) and reports itself unhealthy, but never blocks or fails a call.
+    """
+
+    name: str
+
+    def submit(self, events: Sequence[AuditEvent]) -> None:
+        """Takes durable events for delivery; never blocks on the destination, never raises."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the sink's writes fail or it has dropped events it has not caught up on."""
+
+    def watch(self, callback: Callable[[bool], None]) -> None:
+        """Calls `callback(healthy)` at once and again on every change, from any thread."""
+
+    def close(self) -> None:
+        """Delivers what it can of the queued events within a short bound, then stops."""
 
 
 class SigningKeyStore(Protocol):

@@ -171,6 +171,12 @@ class FaultyHsm:
     def key_properties(self, label: str, kind: KeyKind) -> KeyProperties:
         return self._through("key_properties", lambda: self.inner.key_properties(label, kind))
 
+    def write_anchor(self, label: str, data: bytes) -> None:
+        self._through("write_anchor", lambda: self.inner.write_anchor(label, data))
+
+    def read_anchors(self, prefix: str) -> dict[str, list[bytes]]:
+        return self._through("read_anchors", lambda: self.inner.read_anchors(prefix))
+
     def check(self) -> None:
         self._through("check", self.inner.check)
 

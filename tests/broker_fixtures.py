@@ -7,6 +7,7 @@ declared in FR and "us-east" declared in US.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -80,6 +81,11 @@ class Broker:
 
 
 def broker_settings(home: Path, **changes: object) -> Settings:
+    if changes.get("database") is not None and "broker_id" not in changes:
+        # Every test broker shares the session's token, where the audit anchors live; the
+        # anchors of a broker id must belong to one trail (one database), as in production.
+        digest = hashlib.sha256(str(changes["database"]).encode()).hexdigest()[:12]
+        changes["broker_id"] = f"test-{digest}"
     hsms = hsm_configs(home, (FR, US))
     base = Settings(home=home, listen="127.0.0.1:0", hsms=hsms, default_hsm="local")
     return validate(replace(base, **changes))  # type: ignore[arg-type]

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from socket import gethostname
+
+from keybroker_client.evidence import Report
 
 from broker.domain import (
     AuditEvent,
@@ -13,12 +18,14 @@ from broker.domain import (
     AuditOperation,
     Caller,
     Outcome,
-    audit_digest,
     validate_context,
 )
 from broker.errors import InvalidArgument, KeybrokerError, Unavailable
-from broker.ports import AuditStore, Clock
+from broker.ports import AuditStore, Clock, Hsm
 from broker.services.access import Access, RateLimiter
+from broker.services.audit_checkpoints import AuditSigner, Checkpointer, CheckpointPolicy
+from broker.services.audit_trail import TrailChecker
+from broker.services.audit_writer import AfterCommit, AuditWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +76,72 @@ class AuditDraft:
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyResult:
-    ok: bool
-    events_checked: int
-    first_bad_sequence: int
-    error: str
-    head_hash: str
+class AuditSettings:
+    """How the trail is kept (settings `broker_id`, `audit.checkpoint_events`, `_seconds`).
+
+    Attributes:
+        broker_id: names this broker's chains (`<broker_id>-<12 hex>`) and anchors.
+        checkpoint_events: sign the head after this many unsigned events...
+        checkpoint_seconds: ... and at least this often while any event is unsigned.
+    """
+
+    broker_id: str = "keybroker-local"
+    checkpoint_events: int = 1000
+    checkpoint_seconds: float = 2.0
+
+
+def new_chain_id(broker_id: str) -> str:
+    """A fresh chain id for one writer process: `<broker_id>-<12 hex>`."""
+    return f"{broker_id}-{secrets.token_hex(6)}"
 
 
 class AuditLog:
-    """Writes and reads the audit trail.
+    """Writes and reads the audit trail: this process's chain (group commit, signed
+    checkpoints, HSM anchor), and verification and export of every chain.
+
+    Opening it opens the process's chain: a signed chain record and its HSM anchor.
 
     Args:
-        store: the append-only event table.
+        store: the audit tables.
         clock: the time source for event times.
+        signer: the HSM audit key (`SigningKeys`).
+        anchors: the HSM that keeps the chains' anchors (the audit key's); None for none.
+        settings: broker id and checkpoint policy.
+        after_commit: called by the writer thread with each batch of events once durable
+            (the secondary sinks); it must neither block nor raise (what it raises is
+            logged and swallowed).
+
+    Raises:
+        AuditUnavailable, HsmUnavailable: the chain cannot be opened.
     """
 
-    def __init__(self, store: AuditStore, clock: Clock) -> None:
-        self._store = store
+    def __init__(
+        self,
+        store: AuditStore,
+        clock: Clock,
+        signer: AuditSigner,
+        *,
+        anchors: Hsm | None = None,
+        settings: AuditSettings | None = None,
+        after_commit: AfterCommit | None = None,
+    ) -> None:
+        settings = settings or AuditSettings()
         self._clock = clock
+        self._store = store
+        self.chain = new_chain_id(settings.broker_id)
+        policy = CheckpointPolicy(settings.checkpoint_events, settings.checkpoint_seconds)
+        self.checkpoints = Checkpointer(store, signer, anchors, clock, self.chain, policy)
+        self.checkpoints.open_chain(f"{settings.broker_id} pid {os.getpid()} on {gethostname()}")
+        self.writer = AuditWriter(
+            store, self.chain, after_commit=after_commit, on_durable=self.checkpoints.on_durable
+        )
+        self.checkpoints.start()
+        self._trail = TrailChecker(store, signer, anchors, clock, settings.broker_id)
+
+    def close(self) -> None:
+        """Writes what is waiting, then the chain's closing checkpoint (clean shutdown)."""
+        self.writer.close()
+        self.checkpoints.close(self.writer.head)
 
     @contextmanager
     def scope(
@@ -131,56 +185,42 @@ class AuditLog:
 
     def record(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
         """Appends one event; raises AuditUnavailable when it cannot be made durable."""
-        now = self._clock.now()
         # Fields come from the request and may be invalid or huge when the call is refused:
         # keep the record bounded, and an invalid context out of it.
-        context = draft.recorded_context()
-
-        def build(sequence: int, prev_hash: str) -> AuditEvent:
-            event = AuditEvent(
-                sequence=sequence,
-                time=now,
-                principal=draft.caller.principal,
-                operation=draft.operation.value,
-                key_id=draft.key_id[:MAX_ID],
-                key_version=draft.key_version,
-                token_id=draft.token_id[:MAX_ID],
-                context=context,
-                justification=draft.justification[:MAX_JUSTIFICATION],
-                outcome=outcome,
-                reason=reason[:MAX_REASON],
-                request_id=draft.caller.request_id,
-                prev_hash=prev_hash,
-                hash="",
-            )
-            return replace(event, hash=audit_digest(event))
-
-        return self._store.append(build)
+        event = AuditEvent(
+            sequence=0,
+            time=self._clock.now(),
+            principal=draft.caller.principal,
+            operation=draft.operation.value,
+            key_id=draft.key_id[:MAX_ID],
+            key_version=draft.key_version,
+            token_id=draft.token_id[:MAX_ID],
+            context=draft.recorded_context(),
+            justification=draft.justification[:MAX_JUSTIFICATION],
+            outcome=outcome,
+            reason=reason[:MAX_REASON],
+            request_id=draft.caller.request_id,
+            prev_hash="",
+            hash="",
+        )
+        return self.writer.append(event)
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
         return self._store.events(flt)
 
-    def verify(self) -> VerifyResult:
-        """Walks the whole chain: contiguous sequence numbers from 1, each prev_hash equal
-        to the previous event's hash, each hash recomputed. Stops at the first bad record.
+    def verify(self) -> Report:
+        """Walks every chain, checkpoint and HSM anchor; reports the first bad record (bad
+        data is a report, never an exception)."""
+        return self._trail.verify()
+
+    def export(self, after_sequence: int) -> Iterator[bytes]:
+        """Signs this chain's head, then yields the export lines (docs/audit.md).
+
+        Raises:
+            HsmUnavailable, AuditUnavailable: the trail cannot be read or signed.
         """
-        expected_seq = 1
-        prev = "0" * 64
-        checked = 0
-        for event in self._store.all_events():
-            problem = ""
-            if event.sequence != expected_seq:
-                problem = f"sequence {event.sequence} where {expected_seq} was expected"
-            elif event.prev_hash != prev:
-                problem = "prev_hash does not match the previous event's hash"
-            elif audit_digest(event) != event.hash:
-                problem = "hash does not match the event's content"
-            if problem:
-                return VerifyResult(False, checked, expected_seq, problem, prev)
-            prev = event.hash
-            expected_seq += 1
-            checked += 1
-        return VerifyResult(True, checked, 0, "", prev)
+        self.checkpoints.checkpoint()
+        return self._trail.export(after_sequence)
 
 
 class AuditedService:
@@ -241,7 +281,17 @@ class AuditReader:
                 raise InvalidArgument(f"after_sequence must be below {MAX_SEQUENCE}")
         return self._log.events(flt)
 
-    def verify(self, caller: Caller) -> VerifyResult:
+    def verify(self, caller: Caller) -> Report:
         with self._log.scope(caller, AuditOperation.VERIFY_AUDIT_LOG):
             self._access.require_reader(caller)
             return self._log.verify()
+
+    def export(self, caller: Caller, after_sequence: int) -> Iterator[bytes]:
+        """The export lines; the call is audited when it starts (the export includes it
+        only if a later export covers it)."""
+        with self._log.scope(caller, AuditOperation.EXPORT_AUDIT_LOG):
+            self._access.require_reader(caller)
+            if after_sequence >= MAX_SEQUENCE:
+                raise InvalidArgument(f"after_sequence must be below {MAX_SEQUENCE}")
+            lines = self._log.export(after_sequence)
+        return lines

@@ -148,4 +148,6 @@ def event_to_pb(e: AuditEvent) -> pb.AuditEvent:
         request_id=e.request_id,
         prev_hash=e.prev_hash,
         hash=e.hash,
+        chain=e.chain,
+        chain_sequence=e.chain_sequence,
     )

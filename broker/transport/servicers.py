@@ -183,11 +183,24 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             yield audit_pb2.ListAuditEventsResponse(event=event_to_pb(event))
 
     def VerifyAuditLog(self, request: audit_pb2.VerifyAuditLogRequest, context: Ctx) -> object:
-        result = self._reader.verify(caller_of(context))
+        report = self._reader.verify(caller_of(context))
         return audit_pb2.VerifyAuditLogResponse(
-            ok=result.ok,
-            events_checked=result.events_checked,
-            first_bad_sequence=result.first_bad_sequence,
-            error=result.error,
-            head_hash=result.head_hash,
+            ok=report.ok,
+            events_checked=report.events_checked,
+            first_bad_sequence=report.first_bad_sequence,
+            error=report.error,
+            head_hash=report.head_hash,
+            first_bad_chain=report.first_bad_chain,
+            unsigned_events=report.unsigned_events,
+            chains_checked=report.chains_checked,
+            checkpoints_checked=report.checkpoints_checked,
         )
+
+    def ExportAuditLog(
+        self, request: audit_pb2.ExportAuditLogRequest, context: Ctx
+    ) -> Iterator[object]:
+        lines = self._reader.export(caller_of(context), request.after_sequence)
+        for line in lines:
+            if not context.is_active():
+                return
+            yield audit_pb2.ExportAuditLogResponse(line=line)

@@ -29,6 +29,8 @@ class FakeHsm:
         self.calls = 0
         #: Labels whose key a test has "weakened": what `key_properties` then reports.
         self.weakened: dict[str, tuple[str, ...]] = {}
+        #: The audit anchors: label -> values (one each, as `write_anchor` leaves them).
+        self.anchors: dict[str, list[bytes]] = {}
 
     def _tick(self) -> None:
         self.calls += 1
@@ -97,6 +99,14 @@ class FakeHsm:
         if actual is not kind:
             problems = (f"a {actual.value} key, not a {kind.value} key", *problems)
         return KeyProperties(label, kind, objects, problems)
+
+    def write_anchor(self, label: str, data: bytes) -> None:
+        self._tick()
+        self.anchors[label] = [bytes(data)]
+
+    def read_anchors(self, prefix: str) -> dict[str, list[bytes]]:
+        self._tick()
+        return {k: list(v) for k, v in self.anchors.items() if k.startswith(prefix)}
 
     def check(self) -> None:
         self._tick()

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from keybroker.v1 import audit_pb2, key_admin_pb2
 from broker.adapters.sqlite_store import SqliteStore
 from broker.domain import AuditEvent, AuditFilter
 from broker.errors import AuditUnavailable
+from broker.ports import AuditSnapshot, Record
 from tests.broker_fixtures import Broker, start_broker
 from tests.integration.flows import (
     code_of,
@@ -27,24 +29,30 @@ from tests.integration.flows import (
 
 
 class SwitchableAuditStore:
-    """The real SQLite audit table whose appends fail while `failing` is set."""
+    """The real SQLite audit tables whose appends fail while `failing` is set."""
 
     def __init__(self, path: Path) -> None:
         self.inner = SqliteStore(path)
         self.failing = False
 
-    def append(self, build: Callable[[int, str], AuditEvent]) -> AuditEvent:
+    def append_batch(self, events: Sequence[AuditEvent]) -> list[int]:
         if self.failing:
             raise AuditUnavailable(
                 "the audit log cannot be written; the call was refused (fail closed)"
             )
-        return self.inner.append(build)
+        return self.inner.append_batch(events)
+
+    def add_chain(self, record: Record) -> None:
+        self.inner.add_chain(record)
+
+    def add_checkpoint(self, record: Record) -> None:
+        self.inner.add_checkpoint(record)
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
         return self.inner.events(flt)
 
-    def all_events(self) -> Iterator[AuditEvent]:
-        return self.inner.all_events()
+    def snapshot(self) -> AbstractContextManager[AuditSnapshot]:
+        return self.inner.snapshot()
 
 
 @pytest.fixture

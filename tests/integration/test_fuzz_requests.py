@@ -138,7 +138,7 @@ def test_generated_requests_get_clear_status_codes(
     request = data.draw(message(request_cls.DESCRIPTOR, request_cls))
     path = f"/keybroker.v1.{service}/{name}"
     channel = broker.channel(identity)
-    streaming = name == "ListAuditEvents"
+    streaming = name in ("ListAuditEvents", "ExportAuditLog")  # the server-streaming RPCs
     make = channel.unary_stream if streaming else channel.unary_unary
     call = make(
         path,

@@ -707,13 +707,17 @@ def test_audit_verify_ok_and_broken(home: Path, fake: FakeBroker) -> None:
     )
     ok = run(home, "audit", "verify")
     assert ok.exit_code == 0
-    assert ok.stdout.startswith("ok: 12 events checked")
+    assert ok.stdout.startswith("ok: 12 events in 0 chains")
     fake.responses["VerifyAuditLog"] = audit_pb2.VerifyAuditLogResponse(
-        ok=False, events_checked=7, first_bad_sequence=7, error="hash mismatch"
+        ok=False,
+        events_checked=7,
+        first_bad_chain="kb-1",
+        first_bad_sequence=7,
+        error="hash mismatch",
     )
     broken = run(home, "audit", "verify")
     assert broken.exit_code == 1
-    assert "first bad sequence 7" in broken.stdout
+    assert "chain kb-1, chain_sequence 7" in broken.stdout
     assert "hash mismatch" in broken.stdout
     as_json = run(home, "--json", "audit", "verify")
     assert as_json.exit_code == 1

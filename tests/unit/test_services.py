@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from broker.adapters.sqlite_store import SqliteStore
-from broker.domain import Caller, Grant, KeyPolicy, Operation, Outcome, Role
+from broker.domain import AuditFilter, Caller, Grant, KeyPolicy, Operation, Outcome, Role
 from broker.errors import (
     AuditUnavailable,
     ConcurrentModification,
@@ -22,7 +23,7 @@ from broker.services.access import Access, RateLimiter
 from broker.services.audit import AuditLog
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService, validate_policy
-from broker.services.signing import TOKEN_PURPOSE, SigningKeys
+from broker.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
 from broker.services.tokens import TokenService, TokenSettings
 from tests.fakes.hsm import FakeHsm
 
@@ -45,10 +46,11 @@ class World:
         self.store = SqliteStore(tmp / "kb.db")
         self.clock = FixedClock()
         self.access = Access({"admin": frozenset({Role.ADMIN})}, {"local": self.hsm})
-        self.audit = AuditLog(self.store, self.clock)
         limiter = RateLimiter(rate, 2)
         self.signing = SigningKeys(self.store, {"local": self.hsm})
         self.signing.ensure(TOKEN_PURPOSE, "local")
+        self.signing.ensure(AUDIT_PURPOSE, "local")
+        self.audit = AuditLog(self.store, self.clock, self.signing, anchors=self.hsm)
         self.keys = KeyService(self.store, self.access, self.audit, self.clock, "local", limiter)
         self.tokens = TokenService(
             TokenSettings(issuer="urn:i", audience="urn:a"),
@@ -63,7 +65,7 @@ class World:
         self.crypto = CryptoService(self.store, self.access, self.audit, self.tokens, limiter)
 
     def events(self) -> list:  # type: ignore[type-arg]
-        return list(self.store.all_events())
+        return list(self.store.events(AuditFilter()))
 
 
 POLICY = KeyPolicy(
@@ -75,8 +77,10 @@ POLICY = KeyPolicy(
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    return World(tmp_path)
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    yield w
+    w.audit.close()
 
 
 def test_rotation_race_gives_one_new_version(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -124,16 +128,17 @@ def test_audit_scope_outcomes(world: World) -> None:
         ("CreateKey", Outcome.ALLOWED),
         ("GenerateDataKey", Outcome.ERROR),
     ]
+    world.hsm.down = False  # verifying reads the anchors in the HSM
     assert world.audit.verify().ok
 
 
 def test_audit_failure_replaces_the_result(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     world.keys.create(ADMIN, "k", "", POLICY, None, "")
 
-    def fail(_build):  # type: ignore[no-untyped-def]
+    def fail(_events):  # type: ignore[no-untyped-def]
         raise AuditUnavailable("down")
 
-    monkeypatch.setattr(world.store, "append", fail)
+    monkeypatch.setattr(world.store, "append_batch", fail)
     with pytest.raises(AuditUnavailable):
         world.crypto.generate_data_key(PRODUCER, "k", {})
     # A denial that cannot be audited is refused as unavailable too.
@@ -201,15 +206,13 @@ def test_audit_records_stay_bounded_for_refused_input(world: World) -> None:
 
 
 def test_audit_listing_pages_through_long_trails(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import broker.adapters.sqlite_store as sqlite_store
+    import broker.adapters.sqlite_audit as sqlite_audit
 
-    monkeypatch.setattr(sqlite_store, "PAGE", 3)
+    monkeypatch.setattr(sqlite_audit, "PAGE", 3)
     for _ in range(10):
         with pytest.raises(PermissionDenied):
             world.keys.create(PRODUCER, "k", "", POLICY, None, "")
-    from broker.domain import AuditFilter
-
-    assert [e.sequence for e in world.store.all_events()] == list(range(1, 11))
+    assert [e.sequence for e in world.events()] == list(range(1, 11))
     assert [e.sequence for e in world.store.events(AuditFilter(after_sequence=2, limit=7))] == list(
         range(3, 10)
     )

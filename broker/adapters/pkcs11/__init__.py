@@ -5,6 +5,7 @@
 - `errors`: the CKR table and the domain errors the codes become.
 - `pool`: the session pool of a token and the lease of a session to one operation.
 - `templates`: the key templates of DESIGN.md invariant 1, to generate keys and check them.
+- `anchors`: the audit anchors, private data objects holding each chain's newest signature.
 - `hsm`: `Pkcs11Hsm`, one token as the `Hsm` port.
 """
 

@@ -5,8 +5,9 @@ Only the exceptions of `broker.errors` leave `Pkcs11Hsm` (plus `RuntimeError` fo
 as a call from a forked child). Every PKCS#11 failure is logged with the CKR name as a
 structured field; never a PIN, a key or plaintext.
 
-Why this file is over 400 lines: it is the port's eleven operations, one method each, with
-the run/map machinery they share; the library, pool, gate, errors and templates are apart.
+Why this file is over 400 lines: it is the port's thirteen operations, one method each, with
+the run/map machinery they share; the library, pool, gate, errors, templates and audit
+anchors are apart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 import PyKCS11
 
+from broker.adapters.pkcs11 import anchors
 from broker.adapters.pkcs11.errors import Kind, TokenLost, classify, domain_error, log_ckr
 from broker.adapters.pkcs11.gate import Gate
 from broker.adapters.pkcs11.library import Pkcs11Library
@@ -336,6 +338,27 @@ class Pkcs11Hsm:
         objects = report["objects"]
         assert isinstance(objects, int)
         return KeyProperties(label, kind, objects, tuple(template_problems(report, kind)))
+
+    def write_anchor(self, label: str, data: bytes) -> None:
+        """Replaces the audit anchor `label` by one holding `data` (see `anchors`).
+
+        Raises:
+            InvalidArgument: `data` is empty or over 16 KiB.
+            HsmUnavailable: the token failed.
+        """
+        _check_label(label)
+        if not 0 < len(data) <= anchors.MAX_ANCHOR_BYTES:
+            raise InvalidArgument(f"an anchor holds 1 to {anchors.MAX_ANCHOR_BYTES} bytes")
+        with self._create_lock:
+            self._run("write_anchor", lambda lease: anchors.write(lease, label, data))
+
+    def read_anchors(self, prefix: str) -> dict[str, list[bytes]]:
+        """The audit anchors whose label starts with `prefix`, by label.
+
+        Raises:
+            HsmUnavailable: the token failed.
+        """
+        return self._run("read_anchors", lambda lease: anchors.read(lease, prefix))
 
     def check(self) -> None:
         """Cheap liveness probe (C_GetTokenInfo on a leased, logged-in session).

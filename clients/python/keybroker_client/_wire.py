@@ -193,6 +193,8 @@ def audit_event_from_proto(event: resources_pb2.AuditEvent) -> AuditEvent:
         request_id=event.request_id,
         prev_hash=event.prev_hash,
         hash=event.hash,
+        chain=event.chain,
+        chain_sequence=event.chain_sequence,
     )
 
 
@@ -203,4 +205,8 @@ def audit_report_from_proto(response: audit_pb2.VerifyAuditLogResponse) -> Audit
         first_bad_sequence=response.first_bad_sequence,
         error=response.error,
         head_hash=response.head_hash,
+        first_bad_chain=response.first_bad_chain,
+        unsigned_events=response.unsigned_events,
+        chains_checked=response.chains_checked,
+        checkpoints_checked=response.checkpoints_checked,
     )

@@ -255,7 +255,7 @@ class AuditEvent:
     """One record of the audit trail.
 
     Attributes:
-        sequence: the record's position in the log, from 1.
+        sequence: the record's position in the store, increasing (for reading and paging).
         time: when the call happened.
         principal: who made the call.
         operation: the RPC name, for example ``"Decrypt"`` or ``"CreateKey"``.
@@ -267,8 +267,10 @@ class AuditEvent:
         outcome: allowed, denied or error.
         reason: why it was denied or failed.
         request_id: the caller's ``x-request-id``.
-        prev_hash: hex SHA-256 of the previous record (64 zeros for the first one).
+        prev_hash: hex SHA-256 of the previous event of its chain (64 zeros for the first).
         hash: hex SHA-256 over ``prev_hash`` and this record's canonical form.
+        chain: the chain of the event: one per broker process (``<broker_id>-<12 hex>``).
+        chain_sequence: 1, 2, 3, ... within the chain, without gaps.
     """
 
     sequence: int
@@ -285,6 +287,8 @@ class AuditEvent:
     request_id: str = ""
     prev_hash: str = ""
     hash: str = ""
+    chain: str = ""
+    chain_sequence: int = 0
 
     def __post_init__(self) -> None:
         _freeze(self, context=dict(self.context))
@@ -295,11 +299,16 @@ class AuditReport:
     """The result of ``VerifyAuditLog``. Check ``ok``: a broken log is not raised as an error.
 
     Attributes:
-        ok: the hash chain and every signed checkpoint verify.
-        events_checked: how many records were walked.
-        first_bad_sequence: the first record that does not verify (0 when ``ok``).
+        ok: every chain, signed checkpoint and HSM anchor verifies.
+        events_checked: how many events verified.
+        first_bad_sequence: the ``chain_sequence`` where the first bad chain goes wrong
+            (0 when ``ok``).
         error: what is wrong with it (empty when ``ok``).
-        head_hash: the hash of the last record checked.
+        head_hash: the hash of the last event checked.
+        first_bad_chain: the chain of the first bad record (empty when ``ok``).
+        unsigned_events: events after their chain's last signed checkpoint.
+        chains_checked: chains whose signed chain record verified.
+        checkpoints_checked: signed checkpoints that verified.
     """
 
     ok: bool
@@ -307,3 +316,7 @@ class AuditReport:
     first_bad_sequence: int = 0
     error: str = ""
     head_hash: str = ""
+    first_bad_chain: str = ""
+    unsigned_events: int = 0
+    chains_checked: int = 0
+    checkpoints_checked: int = 0

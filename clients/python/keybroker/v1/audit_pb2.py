@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from keybroker.v1 import resources_pb2 as keybroker_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18keybroker/v1/audit.proto\x12\x0ckeybroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ckeybroker/v1/resources.proto\"\xd3\x01\n\x16ListAuditEventsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61\x66ter_sequence\x18\x06 \x01(\x04\x12\r\n\x05limit\x18\x07 \x01(\r\"B\n\x17ListAuditEventsResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.keybroker.v1.AuditEvent\"\x17\n\x15VerifyAuditLogRequest\"z\n\x16VerifyAuditLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x02 \x01(\x04\x12\x1a\n\x12\x66irst_bad_sequence\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t2\xc6\x01\n\x05\x41udit\x12`\n\x0fListAuditEvents\x12$.keybroker.v1.ListAuditEventsRequest\x1a%.keybroker.v1.ListAuditEventsResponse0\x01\x12[\n\x0eVerifyAuditLog\x12#.keybroker.v1.VerifyAuditLogRequest\x1a$.keybroker.v1.VerifyAuditLogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18keybroker/v1/audit.proto\x12\x0ckeybroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ckeybroker/v1/resources.proto\"\xd3\x01\n\x16ListAuditEventsRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x61\x66ter_sequence\x18\x06 \x01(\x04\x12\r\n\x05limit\x18\x07 \x01(\r\"B\n\x17ListAuditEventsResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x18.keybroker.v1.AuditEvent\"\x17\n\x15VerifyAuditLogRequest\"\xe1\x01\n\x16VerifyAuditLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x02 \x01(\x04\x12\x1a\n\x12\x66irst_bad_sequence\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\thead_hash\x18\x05 \x01(\t\x12\x17\n\x0f\x66irst_bad_chain\x18\x06 \x01(\t\x12\x17\n\x0funsigned_events\x18\x07 \x01(\x04\x12\x16\n\x0e\x63hains_checked\x18\x08 \x01(\r\x12\x1b\n\x13\x63heckpoints_checked\x18\t \x01(\x04\"/\n\x15\x45xportAuditLogRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"&\n\x16\x45xportAuditLogResponse\x12\x0c\n\x04line\x18\x01 \x01(\x0c\x32\xa5\x02\n\x05\x41udit\x12`\n\x0fListAuditEvents\x12$.keybroker.v1.ListAuditEventsRequest\x1a%.keybroker.v1.ListAuditEventsResponse0\x01\x12[\n\x0eVerifyAuditLog\x12#.keybroker.v1.VerifyAuditLogRequest\x1a$.keybroker.v1.VerifyAuditLogResponse\x12]\n\x0e\x45xportAuditLog\x12#.keybroker.v1.ExportAuditLogRequest\x1a$.keybroker.v1.ExportAuditLogResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=385
   _globals['_VERIFYAUDITLOGREQUEST']._serialized_start=387
   _globals['_VERIFYAUDITLOGREQUEST']._serialized_end=410
-  _globals['_VERIFYAUDITLOGRESPONSE']._serialized_start=412
-  _globals['_VERIFYAUDITLOGRESPONSE']._serialized_end=534
-  _globals['_AUDIT']._serialized_start=537
-  _globals['_AUDIT']._serialized_end=735
+  _globals['_VERIFYAUDITLOGRESPONSE']._serialized_start=413
+  _globals['_VERIFYAUDITLOGRESPONSE']._serialized_end=638
+  _globals['_EXPORTAUDITLOGREQUEST']._serialized_start=640
+  _globals['_EXPORTAUDITLOGREQUEST']._serialized_end=687
+  _globals['_EXPORTAUDITLOGRESPONSE']._serialized_start=689
+  _globals['_EXPORTAUDITLOGRESPONSE']._serialized_end=727
+  _globals['_AUDIT']._serialized_start=730
+  _globals['_AUDIT']._serialized_end=1023
 # @@protoc_insertion_point(module_scope)

@@ -38,15 +38,35 @@ class VerifyAuditLogRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditLogResponse(_message.Message):
-    __slots__ = ("ok", "events_checked", "first_bad_sequence", "error", "head_hash")
+    __slots__ = ("ok", "events_checked", "first_bad_sequence", "error", "head_hash", "first_bad_chain", "unsigned_events", "chains_checked", "checkpoints_checked")
     OK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    UNSIGNED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CHAINS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     events_checked: int
     first_bad_sequence: int
     error: str
     head_hash: str
-    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., error: _Optional[str] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    first_bad_chain: str
+    unsigned_events: int
+    chains_checked: int
+    checkpoints_checked: int
+    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., error: _Optional[str] = ..., head_hash: _Optional[str] = ..., first_bad_chain: _Optional[str] = ..., unsigned_events: _Optional[int] = ..., chains_checked: _Optional[int] = ..., checkpoints_checked: _Optional[int] = ...) -> None: ...
+
+class ExportAuditLogRequest(_message.Message):
+    __slots__ = ("after_sequence",)
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    after_sequence: int
+    def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
+
+class ExportAuditLogResponse(_message.Message):
+    __slots__ = ("line",)
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    line: bytes
+    def __init__(self, line: _Optional[bytes] = ...) -> None: ...

@@ -45,6 +45,11 @@ class AuditStub:
                 request_serializer=keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogResponse.FromString,
                 _registered_method=True)
+        self.ExportAuditLog = channel.unary_stream(
+                '/keybroker.v1.Audit/ExportAuditLog',
+                request_serializer=keybroker_dot_v1_dot_audit__pb2.ExportAuditLogRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_audit__pb2.ExportAuditLogResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -59,7 +64,15 @@ class AuditServicer:
         raise NotImplementedError('Method not implemented!')
 
     def VerifyAuditLog(self, request, context):
-        """Walks the hash chain and reports the first bad record.
+        """Walks every chain, signed checkpoint and HSM anchor; reports the first bad record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAuditLog(self, request, context):
+        """Signs this broker's chain head, then streams the export: JSON lines (docs/audit.md)
+        ending with a signed manifest, verifiable offline with the JWKS alone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +90,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.VerifyAuditLog,
                     request_deserializer=keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogResponse.SerializeToString,
+            ),
+            'ExportAuditLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAuditLog,
+                    request_deserializer=keybroker_dot_v1_dot_audit__pb2.ExportAuditLogRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_audit__pb2.ExportAuditLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class Audit:
             '/keybroker.v1.Audit/VerifyAuditLog',
             keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogRequest.SerializeToString,
             keybroker_dot_v1_dot_audit__pb2.VerifyAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/keybroker.v1.Audit/ExportAuditLog',
+            keybroker_dot_v1_dot_audit__pb2.ExportAuditLogRequest.SerializeToString,
+            keybroker_dot_v1_dot_audit__pb2.ExportAuditLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

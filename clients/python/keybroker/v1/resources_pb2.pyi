@@ -110,7 +110,7 @@ class Key(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., min_decryption_version: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., hsm: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rotation_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., next_rotation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., destroy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("sequence", "time", "principal", "operation", "key_id", "key_version", "token_id", "context", "justification", "outcome", "reason", "request_id", "prev_hash", "hash")
+    __slots__ = ("sequence", "time", "principal", "operation", "key_id", "key_version", "token_id", "context", "justification", "outcome", "reason", "request_id", "prev_hash", "hash", "chain", "chain_sequence")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class AuditEvent(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time: _timestamp_pb2.Timestamp
     principal: str
@@ -146,4 +148,6 @@ class AuditEvent(_message.Message):
     request_id: str
     prev_hash: str
     hash: str
-    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., operation: _Optional[str] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ..., token_id: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., justification: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    chain: str
+    chain_sequence: int
+    def __init__(self, sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., operation: _Optional[str] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ..., token_id: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., justification: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., chain: _Optional[str] = ..., chain_sequence: _Optional[int] = ...) -> None: ...
