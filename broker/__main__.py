@@ -81,7 +81,8 @@ def main(
         banner = _banner(settings.home, port, host, hsm_cfg.name, hsm_cfg.jurisdiction)
         if settings.workers > 1:
             banner = banner.replace(" (mutual TLS)", f" (mutual TLS, {settings.workers} workers)")
-        click.echo(banner)
+        # stdout carries the audit events when a stdout sink is configured: banner to stderr.
+        click.echo(banner, err=any(s.kind == "stdout" for s in settings.audit_sinks))
 
     try:
         if settings.workers > 1:

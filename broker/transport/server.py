@@ -22,6 +22,7 @@ from keybroker.v1 import (
     tokens_pb2_grpc,
 )
 
+from broker.ports import AuditSink
 from broker.services.audit import AuditReader
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService
@@ -43,6 +44,9 @@ SERVICE_NAMES = (
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
 )
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Each secondary audit sink reports in health as this prefix and its name: NOT_SERVING while
+#: it fails or drops events. A health detail only: the broker itself keeps serving.
+AUDIT_SINK_HEALTH_PREFIX = "keybroker.audit.sink."
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ class Services:
     crypto: CryptoService
     tokens: TokenService
     audit: AuditReader
+    audit_sinks: tuple[AuditSink, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,17 @@ def create_server(
     server.start()
     for name in (*SERVICE_NAMES, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for sink in services.audit_sinks:
+        sink.watch(_sink_health(health_servicer, AUDIT_SINK_HEALTH_PREFIX + sink.name))
     return RunningServer(server, port, insecure_port, health_servicer)
+
+
+def _sink_health(servicer: health.HealthServicer, name: str) -> Callable[[bool], None]:
+    def update(healthy: bool) -> None:
+        ok = health_pb2.HealthCheckResponse.SERVING
+        servicer.set(name, ok if healthy else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    return update
 
 
 class HealthMonitor:

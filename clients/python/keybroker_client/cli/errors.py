@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
+from keybroker_client.cli.render import terminal_safe
 from keybroker_client.cli.state import State
 from keybroker_client.errors import (
     AlreadyExists,
@@ -80,7 +81,9 @@ def describe(exc: KeybrokerError, state: State | None) -> str:
 
 def fail(ctx: click.Context, message: str, exit_code: int) -> NoReturn:
     """Prints ``keybroker: <message>`` as one line on stderr and exits with ``exit_code``."""
-    click.echo(f"keybroker: {' '.join(message.split())}", err=True)
+    # The message may quote what a caller sent (a key id): no control character reaches the
+    # terminal.
+    click.echo(f"keybroker: {terminal_safe(' '.join(message.split()))}", err=True)
     ctx.exit(exit_code)
 
 

@@ -1,12 +1,40 @@
-"""Turns the SDK's values into plain dicts (for --json) and short text (for people)."""
+"""Turns the SDK's values into plain dicts (for --json) and short text (for people).
+
+Text for people passes every field a caller can influence through `terminal_safe`, so that
+what the broker stores (a refused call's key id, a justification, a context) cannot move the
+cursor, erase or recolour a line, or reorder text on the auditor's terminal. --json output
+is exact: JSON escapes control characters itself.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keybroker_client.parsing import format_duration
 from keybroker_client.types import AuditEvent, AuditReport, Grant, Key
+
+#: What can change how a terminal shows a line rather than being shown: C0 controls, DEL and
+#: C1 controls (ESC and CSI start ANSI sequences; CR and BS overwrite), the line and
+#: paragraph separators, the bidirectional marks and overrides (U+061C, U+200E, U+200F,
+#: U+202A-U+202E, U+2066-U+2069), and lone surrogates.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with each character of `_UNSAFE` written as a Python-style escape (``\\x1b``,
+    ``\\n``, ``\\u202e``); everything else, backslashes included, is left as it is."""
+    return _UNSAFE.sub(_escape, text)
 
 
 def time_text(value: datetime | None) -> str | None:
@@ -74,12 +102,13 @@ def key_text(key: Key) -> str:
     ]
     if data["destroy_time"]:
         rows.append(("destroy_time", data["destroy_time"]))
-    lines = [f"{name + ':':<24}{value}" for name, value in rows]
+    lines = [f"{name + ':':<24}{terminal_safe(value)}" for name, value in rows]
     lines.append("grants:" if data["policy"]["grants"] else "grants:                 (none)")
     for grant in data["policy"]["grants"]:
-        parts = [f"  {grant['principal']}: {'+'.join(grant['operations'])}"]
+        parts = [f"  {terminal_safe(grant['principal'])}: {'+'.join(grant['operations'])}"]
         if grant["context"]:
-            parts.append(",".join(f"{k}={v}" for k, v in grant["context"].items()))
+            context = ",".join(f"{k}={v}" for k, v in grant["context"].items())
+            parts.append(terminal_safe(context))
         if grant["max_token_ttl"]:
             parts.append(f"max_token_ttl={grant['max_token_ttl']}")
         lines.append("  ".join(parts))
@@ -89,8 +118,9 @@ def key_text(key: Key) -> str:
 def key_row(key: Key) -> str:
     """One line per key for ``keys list``."""
     state = key.state.value
-    line = f"{key.key_id:<32} {state:<20} v{key.primary_version:<4} {key.hsm or '-':<16} "
-    return (line + key.description).rstrip()
+    key_id, hsm = terminal_safe(key.key_id), terminal_safe(key.hsm or "-")
+    line = f"{key_id:<32} {state:<20} v{key.primary_version:<4} {hsm:<16} "
+    return (line + terminal_safe(key.description)).rstrip()
 
 
 def event_to_dict(event: AuditEvent) -> dict[str, Any]:
@@ -115,7 +145,9 @@ def event_to_dict(event: AuditEvent) -> dict[str, Any]:
 
 def event_line(event: AuditEvent) -> str:
     """One line per event: sequence, time, principal, operation, key, version, outcome, reason."""
-    data = event_to_dict(event)
+    data = {
+        k: terminal_safe(v) if isinstance(v, str) else v for k, v in event_to_dict(event).items()
+    }
     version = f"v{data['key_version']}" if data["key_version"] else "-"
     return "  ".join(
         [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import click
@@ -9,8 +10,8 @@ import click
 from keybroker_client.certs import cert_thumbprint
 from keybroker_client.cli.errors import fail_usage
 from keybroker_client.cli.options import DURATION, context_option, json_flag
-from keybroker_client.cli.output import echo_json
-from keybroker_client.cli.render import time_text
+from keybroker_client.cli.output import echo_json, write_out
+from keybroker_client.cli.render import terminal_safe, time_text
 from keybroker_client.cli.state import get_state
 
 
@@ -103,11 +104,27 @@ def token_revoke(ctx: click.Context, token_id: str) -> None:
     if state.json:
         echo_json({"token_id": token_id, "revoked": True})
     else:
-        click.echo(f"revoked {token_id}")
+        click.echo(f"revoked {terminal_safe(token_id)}")
 
 
 @token.command("jwks")
+@click.option(
+    "--output",
+    "-o",
+    default="-",
+    metavar="FILE",
+    show_default=True,
+    help="Write the JWKS to FILE instead of stdout.",
+)
 @click.pass_context
-def token_jwks(ctx: click.Context) -> None:
-    """Print the broker's JWKS: the public token and audit signing keys."""
-    echo_json(get_state(ctx).client().signing_keys())
+def token_jwks(ctx: click.Context, output: str) -> None:
+    """Print the broker's JWKS (RFC 7517): the public token and audit signing keys, as JSON.
+
+    Keep it next to an audit export: `keybroker audit verify EXPORT --jwks FILE` checks the
+    export's signatures with it, offline.
+    """
+    jwks = get_state(ctx).client().signing_keys()
+    if output == "-":
+        echo_json(jwks)
+    else:
+        write_out(output, (json.dumps(jwks, indent=2) + "\n").encode("utf-8"), secret=False)
