@@ -4,20 +4,22 @@ adapters; everything else receives its collaborators through constructors."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker import devhsm
+from broker.adapters.audit_sinks import SinkFanout, open_sinks
 from broker.adapters.pkcs11 import Pkcs11Hsm, Pkcs11Library
 from broker.adapters.sqlite_store import SqliteStore
 from broker.clock import SystemClock
 from broker.config import DEV_IDENTITIES, Settings
 from broker.devpki import ensure_dev_pki
 from broker.domain import Role
-from broker.errors import Unavailable
+from broker.errors import HsmPinRefused, Unavailable
 from broker.ports import AuditStore, Clock, Hsm, HsmInfo
 from broker.services.access import Access, RateLimiter
-from broker.services.audit import AuditLog, AuditReader
+from broker.services.audit import AuditLog, AuditReader, AuditSettings
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService
 from broker.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
@@ -36,11 +38,18 @@ class App:
     hsms: dict[str, Hsm]
     signing: SigningKeys
     tls: TlsMaterial
+    audit_sinks: SinkFanout
+    audit: AuditLog | None = None
 
     def close(self) -> None:
+        if self.audit is not None:
+            # First, while the HSM is open: the chain's closing checkpoint.
+            self.audit.close()
         for hsm in self.hsms.values():
             hsm.close()
         self.store.close()
+        # Last: whatever the trail committed up to here still goes out to the SIEM.
+        self.audit_sinks.close()
 
 
 def open_hsms(settings: Settings) -> dict[str, Hsm]:
@@ -62,12 +71,37 @@ def open_hsms(settings: Settings) -> dict[str, Hsm]:
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
         hsm = Pkcs11Hsm(library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size)
         try:
-            hsm.check()  # log in now: a wrong PIN or a missing token stops the start
+            _first_check(hsm)
         except Unavailable as exc:
-            hsm.close()
+            for opened in (hsm, *hsms.values()):
+                opened.close()
             raise RuntimeError(f"HSM {cfg.name!r} (token {cfg.token_label!r}): {exc}") from exc
         hsms[cfg.name] = hsm
     return hsms
+
+
+#: Pauses between the start's attempts to reach an HSM (seconds).
+START_RETRY_DELAYS = (0.5, 1.0, 2.0)
+
+
+def _first_check(hsm: Hsm) -> None:
+    """Logs in now, so that a wrong PIN or a missing token stops the start.
+
+    A transient failure (SoftHSM2 answers CKR_GENERAL_ERROR while another process rewrites
+    its token files; a network HSM may blink) is tried again a few times. A refused PIN is not:
+    a real HSM may lock the PIN after a few wrong attempts.
+    """
+    for delay in (*START_RETRY_DELAYS, None):
+        try:
+            hsm.check()
+            return
+        except HsmPinRefused:
+            raise
+        except Unavailable as exc:
+            if delay is None:
+                raise
+            log.warning("HSM %s not reachable at start (%s); retrying", hsm.info.name, exc)
+            time.sleep(delay)
 
 
 def load_tls(settings: Settings) -> TlsMaterial:
@@ -124,11 +158,22 @@ def _assemble(
         roles[name] = roles.get(name, frozenset()) | {Role.AUDITOR}
     access = Access(roles, hsms)
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-    audit = AuditLog(audit_store or store, clock)
     signing = SigningKeys(store, hsms)
     signing.ensure(TOKEN_PURPOSE, settings.default_hsm)
-    signing.ensure(AUDIT_PURPOSE, settings.default_hsm)
+    audit_key = signing.ensure(AUDIT_PURPOSE, settings.default_hsm)
     check_templates(store, hsms, signing)
+    # After the checks that may refuse the start, so no sink thread outlives a failed start.
+    sinks = open_sinks(settings.audit_sinks)
+    audit = AuditLog(
+        audit_store or store,
+        clock,
+        signing,
+        anchors=audit_key.hsm,  # the anchors live with the audit key
+        settings=AuditSettings(
+            settings.broker_id, settings.audit_checkpoint_events, settings.audit_checkpoint_seconds
+        ),
+        after_commit=sinks,
+    )
     tokens = TokenService(
         TokenSettings(issuer=settings.issuer, audience=settings.audience),
         keys=store,
@@ -144,5 +189,6 @@ def _assemble(
         crypto=CryptoService(store, access, audit, tokens, limiter),
         tokens=tokens,
         audit=AuditReader(audit, access),
+        audit_sinks=sinks.sinks,
     )
-    return App(settings, services, store, hsms, signing, tls)
+    return App(settings, services, store, hsms, signing, tls, sinks, audit)

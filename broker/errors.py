@@ -59,6 +59,11 @@ class HsmUnavailable(Unavailable):
     """The HSM could not be reached or failed; nothing secret was returned."""
 
 
+class HsmPinRefused(HsmUnavailable):
+    """The HSM refused the configured PIN. Never retried: a real HSM may lock the PIN after a
+    few wrong attempts."""
+
+
 class AuditUnavailable(Unavailable):
     """The audit record could not be made durable; nothing secret was returned."""
 

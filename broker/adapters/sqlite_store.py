@@ -1,26 +1,31 @@
 """SQLite store for key metadata, revocations, signing keys and the audit trail.
 
 Portable SQL only (the PostgreSQL adapter uses the same schema). Durability: WAL with
-`synchronous=FULL`, so a committed audit event survives power loss. Appends take the write
-lock with `BEGIN IMMEDIATE`, which excludes other threads and other processes.
+`synchronous=FULL`, so a committed audit event survives power loss. The audit tables are in
+`sqlite_audit`.
+
+Reads never wait behind a write: each thread reads on a connection of its own (WAL lets
+readers run beside the one writer, whose commit may be waiting on an fsync), while writes share
+one connection under a lock. Parsed keys are kept by revision: a read fetches the stored
+revision with the row and parses the JSON again only when it changed, so a policy change or a
+disabled key is seen by the very next call, in every process.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from broker.adapters.codec import dt_to_str, key_from_json, key_to_json, str_to_dt
-from broker.domain import AuditEvent, AuditFilter, Key, Outcome
+from broker.adapters.codec import dt_to_str, key_from_json, key_to_json
+from broker.adapters.sqlite_audit import SqliteAudit, connect, create_audit_tables
+from broker.domain import Key
 from broker.errors import (
     AlreadyExists,
-    AuditUnavailable,
     ConcurrentModification,
     NotFound,
     StoreUnavailable,
@@ -28,8 +33,9 @@ from broker.errors import (
 
 log = logging.getLogger(__name__)
 
-GENESIS_HASH = "0" * 64
-PAGE = 1000
+#: Parsed keys kept at most (the cache starts over when full).
+MAX_CACHED_KEYS = 10_000
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -60,90 +66,60 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     label TEXT NOT NULL,
     created_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit_events (
-    sequence BIGINT PRIMARY KEY,
-    time TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    key_version BIGINT NOT NULL,
-    token_id TEXT NOT NULL,
-    context TEXT NOT NULL,
-    justification TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_events_key_id ON audit_events (key_id, sequence);
-CREATE INDEX IF NOT EXISTS audit_events_principal ON audit_events (principal, sequence);
 """
 
-_AUDIT_COLUMNS = (
-    "sequence, time, principal, operation, key_id, key_version, token_id, context, "
-    "justification, outcome, reason, request_id, prev_hash, hash"
-)
 
-
-def _row_to_event(row: tuple) -> AuditEvent:  # type: ignore[type-arg]
-    time = str_to_dt(row[1])
-    assert time is not None
-    return AuditEvent(
-        sequence=row[0],
-        time=time,
-        principal=row[2],
-        operation=row[3],
-        key_id=row[4],
-        key_version=row[5],
-        token_id=row[6],
-        context=json.loads(row[7]),
-        justification=row[8],
-        outcome=Outcome(row[9]),
-        reason=row[10],
-        request_id=row[11],
-        prev_hash=row[12],
-        hash=row[13],
-    )
-
-
-def _event_params(e: AuditEvent) -> tuple:  # type: ignore[type-arg]
-    return (
-        e.sequence,
-        dt_to_str(e.time),
-        e.principal,
-        e.operation,
-        e.key_id,
-        e.key_version,
-        e.token_id,
-        json.dumps(dict(e.context), sort_keys=True),
-        e.justification,
-        e.outcome.value,
-        e.reason,
-        e.request_id,
-        e.prev_hash,
-        e.hash,
-    )
-
-
-class SqliteStore:
-    """KeyStore, RevocationStore, AuditStore and SigningKeyStore on one SQLite file."""
+class SqliteStore(SqliteAudit):
+    """KeyStore, RevocationStore, AuditStore (see `SqliteAudit`) and SigningKeyStore on one
+    SQLite file."""
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            str(path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._keys: dict[str, tuple[int, str, Key]] = {}
+        self._db = connect(path, busy_timeout_ms)
         self._db.executescript(SCHEMA)
+        create_audit_tables(self._db)
         path.chmod(0o600)
+        super().__init__(path, busy_timeout_ms)
 
     def close(self) -> None:
+        self.close_audit()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
         with self._lock:
             self._db.close()
+
+    def _read(self) -> sqlite3.Connection:
+        """This thread's read connection (opened on first use)."""
+        reader: sqlite3.Connection | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = connect(self._path, self._busy_timeout_ms)
+            with self._readers_lock:
+                self._readers.append(reader)
+            self._local.reader = reader
+        return reader
+
+    def _parsed(self, key_id: str, data: str, revision: int) -> Key:
+        """The key stored as `data` at `revision`, parsed once for as long as it is unchanged.
+
+        The cache is checked against the stored text itself, not only the revision, so even a
+        row rewritten behind the broker's back is never answered from a stale parse.
+        """
+        cached = self._keys.get(key_id)
+        if cached is not None and cached[0] == revision and cached[1] == data:
+            return cached[2]
+        key = key_from_json(data, revision)
+        if len(self._keys) >= MAX_CACHED_KEYS:
+            self._keys.clear()
+        self._keys[key_id] = (revision, data, key)
+        return key
 
     @contextmanager
     def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Cursor]:
@@ -183,21 +159,28 @@ class SqliteStore:
                 raise AlreadyExists(f"key {key.key_id!r} already exists") from exc
 
     def get_key(self, key_id: str) -> Key:
-        with self._store_errors(), self._lock:
-            row = self._db.execute(
-                "SELECT data, revision FROM keys WHERE key_id = ?", (key_id,)
-            ).fetchone()
+        with self._store_errors():
+            row = (
+                self._read()
+                .execute("SELECT data, revision FROM keys WHERE key_id = ?", (key_id,))
+                .fetchone()
+            )
         if row is None:
             raise NotFound(f"key {key_id!r} not found")
-        return key_from_json(row[0], row[1])
+        return self._parsed(key_id, row[0], row[1])
 
     def list_keys(self, after: str, limit: int) -> list[Key]:
-        with self._store_errors(), self._lock:
-            rows = self._db.execute(
-                "SELECT data, revision FROM keys WHERE key_id > ? ORDER BY key_id LIMIT ?",
-                (after, limit),
-            ).fetchall()
-        return [key_from_json(d, r) for d, r in rows]
+        with self._store_errors():
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT key_id, data, revision FROM keys WHERE key_id > ? "
+                    "ORDER BY key_id LIMIT ?",
+                    (after, limit),
+                )
+                .fetchall()
+            )
+        return [self._parsed(k, d, r) for k, d, r in rows]
 
     def update_key(self, key: Key, expected_revision: int) -> Key:
         stored = key.evolve(revision=expected_revision + 1)
@@ -224,10 +207,12 @@ class SqliteStore:
             )
 
     def issued_subject(self, token_id: str) -> str | None:
-        with self._store_errors(), self._lock:
-            row = self._db.execute(
-                "SELECT subject FROM issued_tokens WHERE token_id = ?", (token_id,)
-            ).fetchone()
+        with self._store_errors():
+            row = (
+                self._read()
+                .execute("SELECT subject FROM issued_tokens WHERE token_id = ?", (token_id,))
+                .fetchone()
+            )
         return None if row is None else str(row[0])
 
     def revoke(self, token_id: str, subject: str, expires_at: datetime) -> None:
@@ -239,10 +224,12 @@ class SqliteStore:
             )
 
     def is_revoked(self, token_id: str) -> bool:
-        with self._store_errors(), self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM revocations WHERE token_id = ?", (token_id,)
-            ).fetchone()
+        with self._store_errors():
+            row = (
+                self._read()
+                .execute("SELECT 1 FROM revocations WHERE token_id = ?", (token_id,))
+                .fetchone()
+            )
         return row is not None
 
     def consume_use(self, token_id: str, max_uses: int) -> bool:
@@ -258,12 +245,16 @@ class SqliteStore:
     # SigningKeyStore -----------------------------------------------------------------------
 
     def signing_keys(self, purpose: str) -> list[tuple[str, str, str]]:
-        with self._store_errors(), self._lock:
-            rows = self._db.execute(
-                "SELECT kid, hsm, label FROM signing_keys WHERE purpose = ? "
-                "ORDER BY created_at DESC",
-                (purpose,),
-            ).fetchall()
+        with self._store_errors():
+            rows = (
+                self._read()
+                .execute(
+                    "SELECT kid, hsm, label FROM signing_keys WHERE purpose = ? "
+                    "ORDER BY created_at DESC",
+                    (purpose,),
+                )
+                .fetchall()
+            )
         return [(r[0], r[1], r[2]) for r in rows]
 
     def add_signing_key(self, purpose: str, kid: str, hsm: str, label: str) -> None:
@@ -273,71 +264,3 @@ class SqliteStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 (kid, purpose, hsm, label, dt_to_str(datetime.now().astimezone())),
             )
-
-    # AuditStore ----------------------------------------------------------------------------
-
-    def append(self, build: Callable[[int, str], AuditEvent]) -> AuditEvent:
-        try:
-            with self._tx(immediate=True) as cur:
-                row = cur.execute(
-                    "SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1"
-                ).fetchone()
-                seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS_HASH)
-                event = build(seq, prev)
-                cur.execute(  # the column list is a constant
-                    f"INSERT INTO audit_events ({_AUDIT_COLUMNS}) "  # noqa: S608
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    _event_params(event),
-                )
-        except sqlite3.Error as exc:
-            log.error("audit append failed", extra={"error": type(exc).__name__})
-            raise AuditUnavailable(
-                "the audit log cannot be written; the call was refused (fail closed)"
-            ) from exc
-        return event
-
-    def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
-        where: list[str] = []
-        params: list[object] = []
-        for column, value in (
-            ("key_id", flt.key_id),
-            ("principal", flt.principal),
-            ("operation", flt.operation),
-        ):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if flt.start_time is not None:
-            where.append("time >= ?")
-            params.append(dt_to_str(flt.start_time))
-        if flt.end_time is not None:
-            where.append("time < ?")
-            params.append(dt_to_str(flt.end_time))
-        yield from self._paged(where, params, flt.after_sequence, flt.limit)
-
-    def all_events(self) -> Iterator[AuditEvent]:
-        yield from self._paged([], [], 0, 0)
-
-    def _paged(
-        self, where: list[str], params: list[object], after: int, limit: int
-    ) -> Iterator[AuditEvent]:
-        # Pages of PAGE rows by sequence, each read under the lock; the generator yields
-        # without holding it, so a slow stream reader never blocks writers, and memory stays
-        # bounded however long the trail is.
-        conditions = " AND ".join(["sequence > ?", *where])
-        sql = (
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {conditions} "  # noqa: S608
-            "ORDER BY sequence LIMIT ?"
-        )
-        remaining = limit or None
-        while True:
-            size = min(PAGE, remaining) if remaining else PAGE
-            with self._store_errors(), self._lock:
-                rows = self._db.execute(sql, [after, *params, size]).fetchall()
-            for row in rows:
-                yield _row_to_event(row)
-            if remaining:
-                remaining -= len(rows)
-            if len(rows) < size or remaining == 0:
-                return
-            after = rows[-1][0]

@@ -23,7 +23,7 @@ from broker.adapters.pkcs11.errors import AUTH_FAILURES, TokenLost, ckr_name, lo
 from broker.adapters.pkcs11.gate import Gate
 from broker.adapters.pkcs11.library import Pkcs11Library
 from broker.adapters.pkcs11.templates import pkcs11_name
-from broker.errors import HsmObjectMissing, HsmUnavailable
+from broker.errors import HsmObjectMissing, HsmPinRefused, HsmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ class SessionPool:
                 return
             log_ckr("login", exc.value, hsm=self._hsm)
             if exc.value in AUTH_FAILURES:
-                raise HsmUnavailable(
+                raise HsmPinRefused(
                     f"HSM {self._hsm!r} refused the user PIN of token "
                     f"{self._token_label!r} ({ckr_name(exc.value)}); check the configured PIN"
                 ) from exc

@@ -13,7 +13,7 @@ import pytest
 
 from broker.adapters.pkcs11 import Pkcs11Hsm
 from broker.devhsm import ensure_token
-from broker.errors import DecryptionFailed, HsmUnavailable
+from broker.errors import DecryptionFailed, HsmPinRefused, HsmUnavailable
 from hsm_sim.faults import CallLog, FailOnCall
 from tests.hsm_fixtures import US_INFO, make_hsm, unique_label
 from tests.integration.hsm.common import AAD, IV, Softhsm
@@ -245,6 +245,7 @@ def test_wrong_pin_is_unavailable_with_a_clear_message(softhsm: Softhsm, tmp_pat
         with pytest.raises(HsmUnavailable) as refused:
             adapter.check()
         assert "CKR_PIN_INCORRECT" in refused.value.message
+        assert isinstance(refused.value, HsmPinRefused)  # the start never retries it
         assert "PIN" in refused.value.message
         assert wrong not in refused.value.message
         with pytest.raises(HsmUnavailable):  # still refused: no lockout on SoftHSM2
