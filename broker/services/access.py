@@ -138,17 +138,20 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, principal: str) -> None:
+    def check(self, principal: str, cost: int = 1) -> None:
+        """Takes `cost` requests' worth (a batch call costs one per item, at most the burst, so
+        that a full batch can pass) from the principal's bucket, or raises ResourceExhausted."""
         if self._rate <= 0:
             return
+        cost = min(max(cost, 1), self._burst)
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(principal, (float(self._burst), now))
             tokens = min(float(self._burst), tokens + (now - last) * self._rate)
-            if tokens < 1.0:
+            if tokens < cost:
                 self._buckets[principal] = (tokens, now)
                 raise ResourceExhausted(
                     f"rate limit of {self._rate:g} requests per second reached for "
                     f"{principal!r}; retry after a short back-off"
                 )
-            self._buckets[principal] = (tokens - 1.0, now)
+            self._buckets[principal] = (tokens - cost, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from socket import gethostname
@@ -153,6 +153,7 @@ class AuditLog:
         context: Mapping[str, str] | None = None,
         token_id: str = "",
         justification: str = "",
+        record_success: bool = True,
     ) -> Iterator[AuditDraft]:
         """Audits the block as one call.
 
@@ -162,6 +163,8 @@ class AuditLog:
         dependency or an unexpected exception), with the error's message as the reason.
         The event is durable when the block's caller continues; if it cannot be written,
         `AuditUnavailable` replaces whatever the block produced, so nothing leaves unaudited.
+        With `record_success` false the block records its own events when it succeeds (a
+        batch: one event per item); a refusal of the whole call is still recorded here.
         """
         draft = AuditDraft(
             caller=caller,
@@ -181,13 +184,28 @@ class AuditLog:
         except Exception:
             self.record(draft, Outcome.ERROR, "internal error")
             raise
-        self.record(draft, Outcome.ALLOWED, "")
+        if record_success:
+            self.record(draft, Outcome.ALLOWED, "")
 
     def record(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
         """Appends one event; raises AuditUnavailable when it cannot be made durable."""
+        return self.writer.append(self._event(draft, outcome, reason))
+
+    def record_many(self, outcomes: Sequence[tuple[AuditDraft, Outcome, str]]) -> None:
+        """Appends one event per (draft, outcome, reason), all durable on return (one commit
+        for the lot when they fit one batch).
+
+        Raises:
+            AuditUnavailable: they could not all be made durable.
+        """
+        self.writer.append_many(
+            [self._event(d, outcome, reason) for d, outcome, reason in outcomes]
+        )
+
+    def _event(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
         # Fields come from the request and may be invalid or huge when the call is refused:
         # keep the record bounded, and an invalid context out of it.
-        event = AuditEvent(
+        return AuditEvent(
             sequence=0,
             time=self._clock.now(),
             principal=draft.caller.principal,
@@ -203,7 +221,6 @@ class AuditLog:
             prev_hash="",
             hash="",
         )
-        return self.writer.append(event)
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
         return self._store.events(flt)
@@ -245,9 +262,12 @@ class AuditedService:
         context: Mapping[str, str] | None = None,
         token_id: str = "",
         justification: str = "",
+        cost: int = 1,
+        record_success: bool = True,
     ) -> Iterator[AuditDraft]:
         """Opens the call's audit scope (see `AuditLog.scope`) and applies the rate limit
-        inside it, so a call refused by the limit is audited like any other refusal."""
+        inside it, so a call refused by the limit is audited like any other refusal. A batch
+        passes its item count as `cost`."""
         with self._audit.scope(
             caller,
             operation,
@@ -255,8 +275,9 @@ class AuditedService:
             context=context,
             token_id=token_id,
             justification=justification,
+            record_success=record_success,
         ) as draft:
-            self._limiter.check(caller.principal)
+            self._limiter.check(caller.principal, cost)
             yield draft
 
 

@@ -150,18 +150,28 @@ class AuditWriter:
             AuditUnavailable: it could not be made durable (nothing of its batch was written),
                 or the writer is stopping.
         """
-        pending = _Pending(event)
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        """Appends `events` in order, handing them to the writer at once, and waits until all
+        are durable (one batch call costs one commit, not one per event).
+
+        Raises:
+            AuditUnavailable: one of them could not be made durable, or the writer is stopping.
+                Events of an earlier, successful commit stay in the trail.
+        """
+        pendings = [_Pending(event) for event in events]
         with self._cv:
             if self._closing:
                 raise AuditUnavailable("the audit log is closing; the call was refused")
-            self._queue.append(pending)
+            self._queue.extend(pendings)
             self._cv.notify()
-        if not pending.done.wait(WAIT_SECONDS):
-            raise AuditUnavailable("the audit log did not answer in time; the call was refused")
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        for pending in pendings:
+            if not pending.done.wait(WAIT_SECONDS):
+                raise AuditUnavailable("the audit log did not answer in time; the call was refused")
+            if pending.error is not None:
+                raise pending.error
+        return [p.result for p in pendings if p.result is not None]
 
     def close(self) -> None:
         """Refuses new events, writes those waiting, and stops the thread."""

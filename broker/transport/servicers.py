@@ -18,9 +18,9 @@ from keybroker.v1 import (
 )
 
 from broker.domain import AuditFilter
-from broker.errors import Unimplemented
+from broker.errors import KeybrokerError, Unimplemented
 from broker.services.audit import AuditReader
-from broker.services.crypto import CryptoService
+from broker.services.crypto import CryptoService, Opened
 from broker.services.keys import KeyService
 from broker.services.tokens import TokenService
 from broker.transport.auth import caller_of
@@ -32,6 +32,7 @@ from broker.transport.convert import (
     policy_from_pb,
     ts,
 )
+from broker.transport.status import status_for
 
 Ctx = grpc.ServicerContext
 
@@ -121,6 +122,27 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServicer):
             plaintext=opened.plaintext, key_id=opened.key_id, key_version=opened.key_version
         )
 
+    def GenerateDataKeys(self, request: crypto_pb2.GenerateDataKeysRequest, context: Ctx) -> object:
+        made = self._crypto.generate_data_keys(
+            caller_of(context), request.key_id, dict(request.context), request.count
+        )
+        first = made[0][1]
+        return crypto_pb2.GenerateDataKeysResponse(
+            data_keys=[
+                crypto_pb2.DataKey(plaintext_key=data_key, wrapped_key=sealed.blob)
+                for data_key, sealed in made
+            ],
+            key_id=first.key_id,
+            key_version=first.key_version,
+        )
+
+    def BatchDecrypt(self, request: crypto_pb2.BatchDecryptRequest, context: Ctx) -> object:
+        results = self._crypto.batch_decrypt(
+            caller_of(context),
+            [(item.ciphertext, dict(item.context), item.token) for item in request.items],
+        )
+        return crypto_pb2.BatchDecryptResponse(results=[_batch_result(r) for r in results])
+
     def ReWrap(self, request: crypto_pb2.ReWrapRequest, context: Ctx) -> object:
         sealed = self._crypto.rewrap(caller_of(context), request.ciphertext, dict(request.context))
         return crypto_pb2.ReWrapResponse(
@@ -204,3 +226,15 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             if not context.is_active():
                 return
             yield audit_pb2.ExportAuditLogResponse(line=line)
+
+
+def _batch_result(result: Opened | KeybrokerError) -> crypto_pb2.BatchDecryptResult:
+    """One item's outcome: its plaintext, or the status code and message a Decrypt of it
+    alone would have answered (the same table, `status_for`)."""
+    if isinstance(result, KeybrokerError):
+        return crypto_pb2.BatchDecryptResult(
+            code=status_for(result).value[0], message=result.message
+        )
+    return crypto_pb2.BatchDecryptResult(
+        plaintext=result.plaintext, key_id=result.key_id, key_version=result.key_version
+    )

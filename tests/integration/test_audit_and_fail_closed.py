@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from keybroker.v1 import audit_pb2, key_admin_pb2
+from keybroker.v1 import audit_pb2, crypto_pb2, key_admin_pb2
 
 from broker.adapters.sqlite_store import SqliteStore
 from broker.domain import AuditEvent, AuditFilter
@@ -18,6 +18,7 @@ from broker.errors import AuditUnavailable
 from broker.ports import AuditSnapshot, Record
 from tests.broker_fixtures import Broker, start_broker
 from tests.integration.flows import (
+    CTX,
     code_of,
     create_key,
     datakey,
@@ -214,3 +215,29 @@ def test_reordering_is_detected(own_broker, tmp_path: Path) -> None:  # type: ig
     db.close()
     bad = b.audit().VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())
     assert not bad.ok and bad.first_bad_sequence == 2
+
+
+def test_the_batch_path_fails_closed_when_audit_cannot_be_written(own_broker) -> None:  # type: ignore[no-untyped-def]
+    b, audit = own_broker
+    key_id = create_key(b)
+    reply = b.crypto("producer").GenerateDataKeys(
+        crypto_pb2.GenerateDataKeysRequest(key_id=key_id, context=CTX, count=4)
+    )
+    token = issue(b, key_id).token
+    items = [crypto_pb2.DecryptRequest(ciphertext=dk.wrapped_key, context=CTX, token=token)
+             for dk in reply.data_keys]  # fmt: skip
+    audit.failing = True
+    for call in (
+        lambda: b.crypto("producer").GenerateDataKeys(
+            crypto_pb2.GenerateDataKeysRequest(key_id=key_id, context=CTX, count=4)
+        ),
+        lambda: b.crypto("consumer").BatchDecrypt(crypto_pb2.BatchDecryptRequest(items=items)),
+    ):
+        code, message = code_of(call)
+        assert code == grpc.StatusCode.UNAVAILABLE and "audit" in message
+        assert all(dk.plaintext_key.hex() not in message for dk in reply.data_keys)
+    audit.failing = False
+    results = b.crypto("consumer").BatchDecrypt(crypto_pb2.BatchDecryptRequest(items=items))
+    assert [r.plaintext for r in results.results] == [dk.plaintext_key for dk in reply.data_keys]
+    report = b.audit().VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())
+    assert report.ok, report.error

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keybroker/v1/crypto.proto\x12\x0ckeybroker.v1\"\x9c\x01\n\x16GenerateDataKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x42\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x31.keybroker.v1.GenerateDataKeyRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x17GenerateDataKeyResponse\x12\x15\n\rplaintext_key\x18\x01 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\"\x9f\x01\n\x0e\x45ncryptRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tplaintext\x18\x02 \x01(\x0c\x12:\n\x07\x63ontext\x18\x03 \x03(\x0b\x32).keybroker.v1.EncryptRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x0f\x45ncryptResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"\x9f\x01\n\x0e\x44\x65\x63ryptRequest\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12:\n\x07\x63ontext\x18\x02 \x03(\x0b\x32).keybroker.v1.DecryptRequest.ContextEntry\x12\r\n\x05token\x18\x03 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0f\x44\x65\x63ryptResponse\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"\x8e\x01\n\rReWrapRequest\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.keybroker.v1.ReWrapRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0eReWrapResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r2\xbd\x02\n\x06\x43rypto\x12^\n\x0fGenerateDataKey\x12$.keybroker.v1.GenerateDataKeyRequest\x1a%.keybroker.v1.GenerateDataKeyResponse\x12\x46\n\x07\x45ncrypt\x12\x1c.keybroker.v1.EncryptRequest\x1a\x1d.keybroker.v1.EncryptResponse\x12\x46\n\x07\x44\x65\x63rypt\x12\x1c.keybroker.v1.DecryptRequest\x1a\x1d.keybroker.v1.DecryptResponse\x12\x43\n\x06ReWrap\x12\x1b.keybroker.v1.ReWrapRequest\x1a\x1c.keybroker.v1.ReWrapResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19keybroker/v1/crypto.proto\x12\x0ckeybroker.v1\"\x9c\x01\n\x16GenerateDataKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x42\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x31.keybroker.v1.GenerateDataKeyRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x17GenerateDataKeyResponse\x12\x15\n\rplaintext_key\x18\x01 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\"\x9f\x01\n\x0e\x45ncryptRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tplaintext\x18\x02 \x01(\x0c\x12:\n\x07\x63ontext\x18\x03 \x03(\x0b\x32).keybroker.v1.EncryptRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x0f\x45ncryptResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"\x9f\x01\n\x0e\x44\x65\x63ryptRequest\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12:\n\x07\x63ontext\x18\x02 \x03(\x0b\x32).keybroker.v1.DecryptRequest.ContextEntry\x12\r\n\x05token\x18\x03 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0f\x44\x65\x63ryptResponse\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"\x8e\x01\n\rReWrapRequest\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x39\n\x07\x63ontext\x18\x02 \x03(\x0b\x32(.keybroker.v1.ReWrapRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x0eReWrapResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"\xad\x01\n\x17GenerateDataKeysRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x43\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x32.keybroker.v1.GenerateDataKeysRequest.ContextEntry\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x18GenerateDataKeysResponse\x12(\n\tdata_keys\x18\x01 \x03(\x0b\x32\x15.keybroker.v1.DataKey\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"5\n\x07\x44\x61taKey\x12\x15\n\rplaintext_key\x18\x01 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x02 \x01(\x0c\"B\n\x13\x42\x61tchDecryptRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.keybroker.v1.DecryptRequest\"I\n\x14\x42\x61tchDecryptResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .keybroker.v1.BatchDecryptResult\"k\n\x12\x42\x61tchDecryptResult\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t2\xf7\x03\n\x06\x43rypto\x12^\n\x0fGenerateDataKey\x12$.keybroker.v1.GenerateDataKeyRequest\x1a%.keybroker.v1.GenerateDataKeyResponse\x12\x46\n\x07\x45ncrypt\x12\x1c.keybroker.v1.EncryptRequest\x1a\x1d.keybroker.v1.EncryptResponse\x12\x46\n\x07\x44\x65\x63rypt\x12\x1c.keybroker.v1.DecryptRequest\x1a\x1d.keybroker.v1.DecryptResponse\x12\x43\n\x06ReWrap\x12\x1b.keybroker.v1.ReWrapRequest\x1a\x1c.keybroker.v1.ReWrapResponse\x12\x61\n\x10GenerateDataKeys\x12%.keybroker.v1.GenerateDataKeysRequest\x1a&.keybroker.v1.GenerateDataKeysResponse\x12U\n\x0c\x42\x61tchDecrypt\x12!.keybroker.v1.BatchDecryptRequest\x1a\".keybroker.v1.BatchDecryptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECRYPTREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_REWRAPREQUEST_CONTEXTENTRY']._loaded_options = None
   _globals['_REWRAPREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_GENERATEDATAKEYSREQUEST_CONTEXTENTRY']._loaded_options = None
+  _globals['_GENERATEDATAKEYSREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEDATAKEYREQUEST']._serialized_start=44
   _globals['_GENERATEDATAKEYREQUEST']._serialized_end=200
   _globals['_GENERATEDATAKEYREQUEST_CONTEXTENTRY']._serialized_start=154
@@ -63,6 +65,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWRAPREQUEST_CONTEXTENTRY']._serialized_end=200
   _globals['_REWRAPRESPONSE']._serialized_start=930
   _globals['_REWRAPRESPONSE']._serialized_end=1003
-  _globals['_CRYPTO']._serialized_start=1006
-  _globals['_CRYPTO']._serialized_end=1323
+  _globals['_GENERATEDATAKEYSREQUEST']._serialized_start=1006
+  _globals['_GENERATEDATAKEYSREQUEST']._serialized_end=1179
+  _globals['_GENERATEDATAKEYSREQUEST_CONTEXTENTRY']._serialized_start=154
+  _globals['_GENERATEDATAKEYSREQUEST_CONTEXTENTRY']._serialized_end=200
+  _globals['_GENERATEDATAKEYSRESPONSE']._serialized_start=1181
+  _globals['_GENERATEDATAKEYSRESPONSE']._serialized_end=1286
+  _globals['_DATAKEY']._serialized_start=1288
+  _globals['_DATAKEY']._serialized_end=1341
+  _globals['_BATCHDECRYPTREQUEST']._serialized_start=1343
+  _globals['_BATCHDECRYPTREQUEST']._serialized_end=1409
+  _globals['_BATCHDECRYPTRESPONSE']._serialized_start=1411
+  _globals['_BATCHDECRYPTRESPONSE']._serialized_end=1484
+  _globals['_BATCHDECRYPTRESULT']._serialized_start=1486
+  _globals['_BATCHDECRYPTRESULT']._serialized_end=1593
+  _globals['_CRYPTO']._serialized_start=1596
+  _globals['_CRYPTO']._serialized_end=2099
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -111,3 +111,64 @@ class ReWrapResponse(_message.Message):
     key_id: str
     key_version: int
     def __init__(self, ciphertext: _Optional[bytes] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
+
+class GenerateDataKeysRequest(_message.Message):
+    __slots__ = ("key_id", "context", "count")
+    class ContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    context: _containers.ScalarMap[str, str]
+    count: int
+    def __init__(self, key_id: _Optional[str] = ..., context: _Optional[_Mapping[str, str]] = ..., count: _Optional[int] = ...) -> None: ...
+
+class GenerateDataKeysResponse(_message.Message):
+    __slots__ = ("data_keys", "key_id", "key_version")
+    DATA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    data_keys: _containers.RepeatedCompositeFieldContainer[DataKey]
+    key_id: str
+    key_version: int
+    def __init__(self, data_keys: _Optional[_Iterable[_Union[DataKey, _Mapping]]] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
+
+class DataKey(_message.Message):
+    __slots__ = ("plaintext_key", "wrapped_key")
+    PLAINTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    WRAPPED_KEY_FIELD_NUMBER: _ClassVar[int]
+    plaintext_key: bytes
+    wrapped_key: bytes
+    def __init__(self, plaintext_key: _Optional[bytes] = ..., wrapped_key: _Optional[bytes] = ...) -> None: ...
+
+class BatchDecryptRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[DecryptRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[DecryptRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchDecryptResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchDecryptResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchDecryptResult, _Mapping]]] = ...) -> None: ...
+
+class BatchDecryptResult(_message.Message):
+    __slots__ = ("plaintext", "key_id", "key_version", "code", "message")
+    PLAINTEXT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    plaintext: bytes
+    key_id: str
+    key_version: int
+    code: int
+    message: str
+    def __init__(self, plaintext: _Optional[bytes] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

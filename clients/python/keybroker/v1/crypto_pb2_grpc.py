@@ -56,6 +56,16 @@ class CryptoStub:
                 request_serializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapResponse.FromString,
                 _registered_method=True)
+        self.GenerateDataKeys = channel.unary_unary(
+                '/keybroker.v1.Crypto/GenerateDataKeys',
+                request_serializer=keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysResponse.FromString,
+                _registered_method=True)
+        self.BatchDecrypt = channel.unary_unary(
+                '/keybroker.v1.Crypto/BatchDecrypt',
+                request_serializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.FromString,
+                _registered_method=True)
 
 
 class CryptoServicer:
@@ -93,6 +103,24 @@ class CryptoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateDataKeys(self, request, context):
+        """Many data keys under one key and context in one call, for jobs that need many. Each data
+        key is a key use with its own audit event, durable before any key is returned. Needs
+        OPERATION_ENCRYPT. At most 1,000 per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchDecrypt(self, request, context):
+        """Many Decrypts in one call. Each item is checked, counted against its token and audited
+        on its own; a refused item does not fail the others (its result carries the status
+        code). At most 1,000 items per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CryptoServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +143,16 @@ def add_CryptoServicer_to_server(servicer, server):
                     servicer.ReWrap,
                     request_deserializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapResponse.SerializeToString,
+            ),
+            'GenerateDataKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateDataKeys,
+                    request_deserializer=keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysResponse.SerializeToString,
+            ),
+            'BatchDecrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDecrypt,
+                    request_deserializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +265,60 @@ class Crypto:
             '/keybroker.v1.Crypto/ReWrap',
             keybroker_dot_v1_dot_crypto__pb2.ReWrapRequest.SerializeToString,
             keybroker_dot_v1_dot_crypto__pb2.ReWrapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateDataKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.Crypto/GenerateDataKeys',
+            keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysRequest.SerializeToString,
+            keybroker_dot_v1_dot_crypto__pb2.GenerateDataKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDecrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.Crypto/BatchDecrypt',
+            keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.SerializeToString,
+            keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.FromString,
             options,
             channel_credentials,
             insecure,
