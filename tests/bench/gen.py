@@ -16,6 +16,7 @@ is the same for the latencies, the count and both CPU figures.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import queue
 import shutil
@@ -63,6 +64,17 @@ class Call:
     token_file: Path | None = None
 
 
+def _payload_arg(payload: bytes) -> str:
+    """The request bytes for a generator's command line: hex when short, else `@FILE` (a
+    batch request does not fit in argv)."""
+    if len(payload) <= 4096:
+        return payload.hex()
+    path = Path(tempfile.gettempdir()) / f"kb-bench-{hashlib.sha256(payload).hexdigest()[:16]}.bin"
+    if not path.exists():
+        path.write_bytes(payload)
+    return f"@{path}"
+
+
 @dataclass(frozen=True, slots=True)
 class Generator:
     """A load generator: `kind` in py-threads, py-aio, node, cpp (gRPC) or py-http (HTTP).
@@ -95,7 +107,7 @@ class Generator:
             str(call.tls.cert),
             str(call.tls.key),
             call.method,
-            call.payload.hex(),
+            _payload_arg(call.payload),
             str(inflight),
             str(min(inflight, CHANNELS)),
         ]

@@ -15,7 +15,10 @@ const grpc = require('@grpc/grpc-js');
 const [target, ca, cert, key, method, payloadHex, inflightArg, channelsArg] =
   process.argv.slice(2);
 const inflight = Number(inflightArg);
-const payload = Buffer.from(payloadHex, 'hex');
+// "@PATH": the raw request bytes in a file (a batch request is too long for argv).
+const payload = payloadHex.startsWith('@')
+  ? fs.readFileSync(payloadHex.slice(1))
+  : Buffer.from(payloadHex, 'hex');
 const identity = (x) => x;
 const creds = grpc.credentials.createSsl(
   fs.readFileSync(ca),

@@ -65,9 +65,10 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 def format_time(value: datetime) -> str:
     """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC (a naive time is taken as UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    # isoformat is the C fast path of strftime("%Y-%m-%dT%H:%M:%S.%f") (one call per event).
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
