@@ -288,3 +288,26 @@ def format_time(value: datetime) -> str:
     """The one textual form of a time in audit records: UTC, microseconds,
     `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see `keybroker_client.evidence`, which defines the records)."""
     return evidence.format_time(value)
+
+
+def event_record(event: AuditEvent) -> evidence.Record:
+    """The event as a trail record (`keybroker_client.evidence`)."""
+    return {
+        "type": "event",
+        "sequence": event.sequence,
+        "chain": event.chain,
+        "chain_sequence": event.chain_sequence,
+        "time": format_time(event.time),
+        "principal": event.principal,
+        "operation": event.operation,
+        "key_id": event.key_id,
+        "key_version": event.key_version,
+        "token_id": event.token_id,
+        "context": dict(event.context),
+        "justification": event.justification,
+        "outcome": event.outcome.value,
+        "reason": event.reason,
+        "request_id": event.request_id,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }

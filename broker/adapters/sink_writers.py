@@ -17,8 +17,7 @@ from typing import IO
 
 from keybroker_client import evidence
 
-from broker.domain import AuditEvent, Outcome
-from broker.services.audit_writer import event_record
+from broker.domain import AuditEvent, Outcome, event_record
 from broker.sink_settings import SYSLOG_FACILITIES, parse_address
 
 #: The severity of an event by its outcome: a refusal is a warning, a failure an error.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from keybroker_client import evidence
 
-from broker.domain import AuditEvent, format_time
+from broker.domain import AuditEvent, event_record
 from broker.errors import AuditUnavailable
 from broker.ports import AuditStore
 
@@ -31,29 +31,6 @@ WAIT_SECONDS = 30.0
 #: Called by the writer thread with each batch once durable (the secondary sinks). It must
 #: not block; what it raises is logged and swallowed.
 AfterCommit = Callable[[Sequence[AuditEvent]], None]
-
-
-def event_record(event: AuditEvent) -> evidence.Record:
-    """The event as a trail record (`keybroker_client.evidence`)."""
-    return {
-        "type": "event",
-        "sequence": event.sequence,
-        "chain": event.chain,
-        "chain_sequence": event.chain_sequence,
-        "time": format_time(event.time),
-        "principal": event.principal,
-        "operation": event.operation,
-        "key_id": event.key_id,
-        "key_version": event.key_version,
-        "token_id": event.token_id,
-        "context": dict(event.context),
-        "justification": event.justification,
-        "outcome": event.outcome.value,
-        "reason": event.reason,
-        "request_id": event.request_id,
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-    }
 
 
 def link(event: AuditEvent, chain: str, chain_sequence: int, prev_hash: str) -> AuditEvent:
