@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -15,13 +16,16 @@ import click
 from broker import logs
 from broker.app import build_app
 from broker.config import ConfigError, Settings, load_settings
+from broker.devpki import issue_dev_identity
 from broker.supervisor import run_workers
 from broker.transport.server import HealthMonitor, create_server
 
 log = logging.getLogger("broker")
 
 
-def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -> str:
+def _banner(home: Path, port: int, host: str, hsm: str, jurisdiction: str) -> str:
+    # Absolute paths: the lines are copied into shells in other directories.
+    app_home = home.absolute()
     return "\n".join(
         [
             f"keybroker listening on {host}:{port} (mutual TLS)",
@@ -29,13 +33,14 @@ def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -
             f"  HSM       {hsm} ({jurisdiction}), PIN in {app_home / 'hsm.pin'}",
             f"  database  {app_home / 'keybroker.db'}",
             f"  PKI       {app_home / 'pki'}: ca.pem, admin, auditor, producer, consumer",
-            "  try       .venv/bin/keybroker --home "
-            f"{app_home} --as admin keys create demo --grant producer:encrypt",
+            "  client    (in another shell, so that `keybroker` finds this broker)",
+            f"export KEYBROKER_HOME={shlex.quote(str(app_home))}",
+            "  try       keybroker --as admin keys create demo --grant producer:encrypt",
         ]
     )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(path_type=Path, file_okay=False),
@@ -59,10 +64,18 @@ def _banner(app_home: Path, port: int, host: str, hsm: str, jurisdiction: str) -
     help="Broker processes sharing the port (SO_REUSEPORT) [default: 1, or `workers`].",
 )
 @click.option("--log-level", default="INFO", show_default=True)
+@click.pass_context
 def main(
-    home: Path, listen: str | None, config_file: Path | None, workers: int | None, log_level: str
+    ctx: click.Context,
+    home: Path,
+    listen: str | None,
+    config_file: Path | None,
+    workers: int | None,
+    log_level: str,
 ) -> None:
-    """Run the keybroker key broker."""
+    """Run the keybroker key broker (or, given a command, one development task)."""
+    if ctx.invoked_subcommand is not None:
+        return  # A development task such as dev-identity: no broker is started.
     logs.configure(log_level)
     try:
         settings = load_settings(home=home, listen=listen, config_file=config_file)
@@ -94,6 +107,26 @@ def main(
     if code:
         sys.exit(code)
     log.info("stopped")
+
+
+@main.command("dev-identity")
+@click.argument("name")
+@click.pass_context
+def dev_identity(ctx: click.Context, name: str) -> None:
+    """Create NAME.pem and NAME.key under HOME/pki from the development CA.
+
+    NAME becomes the certificate's common name: the principal that key policies grant
+    (`--grant NAME:encrypt`). Development only; an existing identity is never overwritten.
+    Then: keybroker --as NAME ...
+    """
+    home: Path = ctx.parent.params["home"] if ctx.parent is not None else Path("var")
+    try:
+        cert, key = issue_dev_identity(home / "pki", name)
+    except ValueError as exc:
+        click.echo(f"keybroker-server: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"created {cert.absolute()} and {key.absolute()} (mode 0600)")
+    click.echo(f"use it: keybroker --home {shlex.quote(str(home.absolute()))} --as {name} ...")
 
 
 def prepare(settings: Settings) -> int:

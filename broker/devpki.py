@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -119,3 +120,44 @@ def ensure_dev_pki(directory: Path, identities: tuple[str, ...]) -> bool:
         _write_private(key_path, key)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return made_ca
+
+
+#: A development identity name: it becomes the certificate's CN, the principal policies name.
+IDENTITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def issue_dev_identity(directory: Path, name: str) -> tuple[Path, Path]:
+    """Issues NAME.pem/NAME.key for a new client principal from the development CA.
+
+    Args:
+        directory: the PKI directory (HOME/pki) holding ca.pem and ca.key.
+        name: the principal, the certificate's common name.
+
+    Returns:
+        The certificate and key paths (key mode 0600).
+
+    Raises:
+        ValueError: the name is malformed or reserved, the CA is missing, or the identity
+            exists already (never overwritten).
+    """
+    if not IDENTITY_NAME.fullmatch(name) or name in {"ca", "server"}:
+        raise ValueError(
+            f"bad identity name {name!r}: letters, digits, '.', '_', '-' (not ca or server)"
+        )
+    ca_pem, ca_key_path = directory / "ca.pem", directory / "ca.key"
+    if not (ca_pem.is_file() and ca_key_path.is_file()):
+        raise ValueError(
+            f"no development CA in {directory.absolute()}: start keybroker-server with this "
+            "home once to create it"
+        )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    if cert_path.exists() or key_path.exists():
+        raise ValueError(f"identity {name!r} exists already: {cert_path.absolute()}")
+    ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key_path.absolute()} is not the development CA's EC key")
+    key, cert = _issue(ca_key, ca_cert, name, server=False)
+    _write_private(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path

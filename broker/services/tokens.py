@@ -327,9 +327,15 @@ class TokenService(AuditedService):
         if Operation.DECRYPT not in claims.operations:
             raise PermissionDenied("the token does not allow decrypt")
         for name, value in claims.context.items():
-            if context.get(name) != value:
+            if name not in context:
                 raise PermissionDenied(
                     f"the request's context does not carry the token's entry {name!r}"
+                )
+            if context[name] != value:
+                # Context values are not secret (they are audited); naming both ends a guess.
+                raise PermissionDenied(
+                    f"the token requires context {name}={value!r}, "
+                    f"the request has {name}={context[name]!r}"
                 )
         key = self._keys.get_key(key_id)
         Access.matching_grants(key, claims.subject, Operation.DECRYPT, claims.context)

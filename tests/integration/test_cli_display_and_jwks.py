@@ -32,7 +32,8 @@ def test_a_refused_key_id_with_ansi_escapes_is_shown_escaped(broker: Broker) -> 
 
     text = kb(broker, "auditor", "audit", "list", "--key-id", forged)
     assert text.exit_code == 0, text.output
-    (line,) = text.stdout.splitlines()
+    header, line = text.stdout.splitlines()
+    assert header.split()[0] == "SEQ"
     assert "\x1b" not in text.stdout and "\r" not in text.stdout
     assert "\\x1b[2K\\r     1  2030-01-01T00:00:00Z" in line
     assert "GenerateDataKey" in line and "producer" in line

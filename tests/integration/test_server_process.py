@@ -87,7 +87,9 @@ def test_first_start_restart_and_graceful_stop(home: Path) -> None:
         code, out = stop(proc)
     assert code == 0, out
     assert "keybroker listening on 127.0.0.1:" in out
-    assert "keybroker --home" in out  # the next command to try
+    # The line to copy into another shell, with the home made absolute, then what to try.
+    assert f"\nexport KEYBROKER_HOME={home.absolute()}\n" in out
+    assert "  try       keybroker --as admin keys create demo" in out
     assert (home / "hsm.pin").read_text() not in out
     ca_before = (home / "pki" / "ca.pem").read_bytes()
     pin_before = (home / "hsm.pin").read_bytes()

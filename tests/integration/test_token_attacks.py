@@ -443,8 +443,15 @@ def test_token_use_limit(broker: Broker, setup) -> None:  # type: ignore[no-unty
     issued = issue(broker, key_id, max_uses=2)
     assert issued.max_uses == 2
     # A refused call (wrong context) does not use the token up.
-    code, _ = code_of(lambda: decrypt(broker, blob, issued.token, {"dataset": "cohort-43"}))
+    code, msg = code_of(lambda: decrypt(broker, blob, issued.token, {"dataset": "cohort-43"}))
     assert code == grpc.StatusCode.PERMISSION_DENIED
+    # The message names the value the token requires and the one the request has.
+    assert msg == (
+        "the token requires context dataset='cohort-42', the request has dataset='cohort-43'"
+    )
+    code, msg = code_of(lambda: decrypt(broker, blob, issued.token, {"other": "x"}))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert msg == "the request's context does not carry the token's entry 'dataset'"
     for _ in range(2):
         assert decrypt(broker, blob, issued.token).plaintext
     request_id = rid()

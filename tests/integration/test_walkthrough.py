@@ -40,6 +40,21 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
             "consumer:decrypt:dataset=cohort-*",
         )
         assert r.returncode == 0, r.stderr
+        # Tab after `keybroker keys show pa` in a shell that sourced `keybroker completion bash`.
+        completed = subprocess.run(
+            CLI,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "_KEYBROKER_COMPLETE": "bash_complete",
+                "COMP_WORDS": "keybroker keys show pa",
+                "COMP_CWORD": "3",
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (completed.returncode, completed.stdout) == (0, "plain,patients\n")
         rows = "".join(f"patient-{i},C50.9\n" for i in range(1, 100_001))
         (tmp_path / "cohort-42.csv").write_text(rows)  # what the README's `seq -f` writes
         r = kb(
@@ -132,6 +147,32 @@ def test_readme_walkthrough(tmp_path: Path) -> None:
         r = decrypt_file("consumer", "cohort-42.csv.kbf", "cohort-42.again.csv", "--token", token)
         assert r.returncode == 5, r.stderr
         assert "revoked" in r.stderr
+        # A new service principal from the dev CA, trusted by the running broker at once.
+        made = subprocess.run(
+            [sys.executable, "-m", "broker", "--home", str(home), "dev-identity", "ingest"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+        assert f"created {home.absolute() / 'pki' / 'ingest.pem'}" in made.stdout
+        r = kb(tmp_path, "keys", "create", "ingest-key", "--grant", "ingest:encrypt")
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(
+            [*CLI, "--as", "ingest", "encrypt", "ingest-key", "--out", "x.enc"],
+            cwd=tmp_path,
+            input="payload",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        r = kb(tmp_path, "--as", "ingest", "keys", "list")
+        assert r.returncode == 6  # authenticated as ingest, which is no admin
+        r = kb(tmp_path, "--as", "nobody", "keys", "list")
+        assert r.returncode == 3
+        assert "known under " in r.stderr
+        assert ": admin, auditor, consumer, ingest, producer (create one" in r.stderr
     finally:
         stop(proc)
 

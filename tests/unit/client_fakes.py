@@ -39,6 +39,7 @@ KEYBROKER_ENV = (
     "KEYBROKER_KEY",
     "KEYBROKER_IDENTITY",
     "KEYBROKER_TOKEN",
+    "KEYBROKER_CONFIG",
 )
 
 # ---------------------------------------------------------------------------------------------

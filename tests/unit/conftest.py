@@ -10,9 +10,11 @@ from tests.unit.client_fakes import KEYBROKER_ENV, FakeBroker, Pki, make_pki, se
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in KEYBROKER_ENV:
         monkeypatch.delenv(name, raising=False)
+    # No profile file of the user running the tests: an empty config directory.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
 
 
 @pytest.fixture(scope="module")

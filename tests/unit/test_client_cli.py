@@ -661,7 +661,10 @@ def test_audit_list_one_line_per_event(home: Path, fake: FakeBroker) -> None:
         "2030-01-02",
     )
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == [
+        "SEQ", "TIME", "PRINCIPAL", "OPERATION", "KEY_ID", "VER", "OUTCOME", "REASON"
+    ]  # fmt: skip
     assert len(lines) == 2
     assert lines[0].split() == [
         "1",

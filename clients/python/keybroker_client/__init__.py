@@ -3,7 +3,9 @@
 The SDK talks to the broker over mutual TLS only. Start with :func:`resolve_settings` and
 :class:`KeybrokerClient`. It takes and returns the plain values of :mod:`keybroker_client.types`
 (frozen dataclasses and enums, never protobuf messages); errors are the flat classes in
-:mod:`keybroker_client.errors`. The ``keybroker`` command line is :mod:`keybroker_client.cli`.
+:mod:`keybroker_client.errors`. Whole files go through the recipes ``encrypt_file`` and
+``decrypt_file`` (format: :mod:`keybroker_client.fileformat`); :mod:`keybroker_client.aio` has
+the asyncio client. The ``keybroker`` command line is :mod:`keybroker_client.cli`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from keybroker_client.errors import (
     Unavailable,
     UnexpectedError,
 )
+from keybroker_client.fileformat import DEFAULT_CHUNK_SIZE, InvalidFile
 from keybroker_client.parsing import (
     format_duration,
     parse_context,
@@ -32,6 +35,7 @@ from keybroker_client.parsing import (
     parse_grant,
     policy_from_grants,
 )
+from keybroker_client.recipes import FileInfo
 from keybroker_client.types import (
     AuditEvent,
     AuditReport,
@@ -50,6 +54,7 @@ from keybroker_client.types import (
 )
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_TIMEOUT",
     "AlreadyExists",
     "AuditEvent",
@@ -61,8 +66,10 @@ __all__ = [
     "Decrypted",
     "Encrypted",
     "FailedPrecondition",
+    "FileInfo",
     "Grant",
     "InvalidArgument",
+    "InvalidFile",
     "IssuedToken",
     "Key",
     "KeyPage",

@@ -41,6 +41,7 @@ from keybroker_client import _wire
 from keybroker_client.config import ClientSettings
 from keybroker_client.errors import ConfigError, error_from_rpc
 from keybroker_client.parsing import parse_duration
+from keybroker_client.recipes import FileRecipes
 from keybroker_client.types import (
     AuditEvent,
     AuditReport,
@@ -74,10 +75,12 @@ def _read(path: Any, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-class KeybrokerClient:
+class KeybrokerClient(FileRecipes):
     """A connection to one broker over mutual TLS.
 
     Use it as a context manager, or call :meth:`close`. It is safe to share between threads.
+    Whole files: :meth:`encrypt_file`, :meth:`decrypt_file` and their stream forms
+    (:class:`~keybroker_client.recipes.FileRecipes`).
 
     Args:
         target: the broker's ``host:port``.
@@ -413,3 +416,30 @@ class KeybrokerClient:
         """
         response = self._call(self._audit.VerifyAuditLog, audit_pb2.VerifyAuditLogRequest())
         return _wire.audit_report_from_proto(response)
+
+    def export_audit_log(
+        self, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Streams an export of the audit log (auditor or admin): JSON lines, each without
+        its newline, ending with the broker's signed manifest. Verify it offline with
+        :func:`keybroker_client.evidence.verify_export` and the broker's JWKS.
+
+        Args:
+            after_sequence: only events after this sequence (the previous export's
+                manifest ``through_sequence``, to export consecutive ranges).
+            timeout: deadline of the whole stream in seconds; default the client's timeout.
+        """
+        request = audit_pb2.ExportAuditLogRequest(after_sequence=after_sequence)
+        request_id = str(uuid.uuid4())
+        stream = self._audit.ExportAuditLog(
+            request,
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=((REQUEST_ID_HEADER, request_id),),
+        )
+        try:
+            for item in stream:
+                yield item.line
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, request_id=request_id) from None
+        finally:
+            stream.cancel()

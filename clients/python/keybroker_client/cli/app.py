@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from keybroker_client.cli import audit, crypto, keys, tokens
+from keybroker_client.cli import audit, crypto, files, keys, tokens
+from keybroker_client.cli.completion import completion
 from keybroker_client.cli.errors import ErrorReportingGroup
 from keybroker_client.cli.state import State
 from keybroker_client.client import DEFAULT_TIMEOUT
@@ -40,7 +41,13 @@ from keybroker_client.client import DEFAULT_TIMEOUT
     show_default=True,
     help="Deadline of each call, in seconds.",
 )
-@click.option("--json", "json_output", is_flag=True, help="Machine-readable JSON output.")
+@click.option(
+    "--output",
+    "output_format",
+    type=click.Choice(["table", "json"], case_sensitive=False),
+    help="Output format: table (text for people, the default) or json.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Same as --output json.")
 @click.version_option(package_name="keybroker-client", prog_name="keybroker")
 @click.pass_context
 def cli(
@@ -53,6 +60,7 @@ def cli(
     key: str | None,
     identity: str | None,
     timeout: float,
+    output_format: str | None,
     json_output: bool,
 ) -> None:
     """Client of the keybroker key broker (mutual TLS, talks to `keybroker-server`).
@@ -60,7 +68,8 @@ def cli(
     By default it finds the local broker and the development certificates under ./var, as
     written by `make run`. Errors print one line, `keybroker: CODE: message`, and exit non-zero.
     """
-    state = State(home, target, ca, cert, key, identity, timeout, json_output)
+    as_json = json_output or (output_format or "").lower() == "json"
+    state = State(home, target, ca, cert, key, identity, timeout, as_json)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -68,8 +77,11 @@ def cli(
 cli.add_command(keys.keys)
 for command in crypto.COMMANDS:
     cli.add_command(command)
+for command in files.COMMANDS:
+    cli.add_command(command)
 cli.add_command(tokens.token)
 cli.add_command(audit.audit)
+cli.add_command(completion)
 
 
 def main() -> None:

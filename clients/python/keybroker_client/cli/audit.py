@@ -12,12 +12,56 @@ import click
 
 from keybroker_client import evidence
 from keybroker_client.cli import render
+from keybroker_client.cli.completion import complete_key_ids
 from keybroker_client.cli.errors import EXIT_CODES, EXIT_VERIFY_FAILED, fail
 from keybroker_client.cli.options import json_flag, time_callback
 from keybroker_client.cli.output import echo_json
 from keybroker_client.cli.state import get_state
 from keybroker_client.errors import ConfigError
 from keybroker_client.types import AuditEvent, AuditReport
+
+#: The operations audit events record (the broker's RPC names), as ``--operation`` accepts them.
+AUDIT_OPERATIONS = (
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "RotateKey",
+    "UpdateKeyPolicy",
+    "EnableKey",
+    "DisableKey",
+    "GenerateDataKey",
+    "Encrypt",
+    "Decrypt",
+    "ReWrap",
+    "IssueToken",
+    "RevokeToken",
+    "ListAuditEvents",
+    "VerifyAuditLog",
+    "ExportAuditLog",
+)
+
+
+def _fold(name: str) -> str:
+    return name.replace("-", "").replace("_", "").lower()
+
+
+_OPERATION_BY_FOLDED = {_fold(name): name for name in AUDIT_OPERATIONS}
+
+
+def _operation_callback(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The broker's spelling of ``value`` (``decrypt``, ``issue-token``); unknown: usage error.
+
+    The broker filters on the exact name, so a typo would silently match nothing.
+    """
+    if not value:
+        return ""
+    known = _OPERATION_BY_FOLDED.get(_fold(value))
+    if known is None:
+        raise click.BadParameter(
+            f"unknown operation {value!r}; one of: {', '.join(AUDIT_OPERATIONS)}", param=param
+        )
+    return known
+
 
 #: Least deadline of an export stream, in seconds: a long trail takes a while to walk.
 EXPORT_MIN_TIMEOUT = 600.0
@@ -37,9 +81,18 @@ def _event_dict(event: AuditEvent) -> dict[str, Any]:
 
 
 @audit.command("list")
-@click.option("--key-id", default="", help="Only events about this key.")
+@click.option(
+    "--key-id", default="", shell_complete=complete_key_ids, help="Only events about this key."
+)
 @click.option("--principal", default="", help="Only events by this principal.")
-@click.option("--operation", default="", help="Only this RPC, e.g. Decrypt or CreateKey.")
+@click.option(
+    "--operation",
+    default="",
+    callback=_operation_callback,
+    metavar="NAME",
+    help="Only this operation, in any case: decrypt, CreateKey, issue-token... "
+    "(an unknown name is an error, with the list).",
+)
 @click.option(
     "--after",
     type=click.IntRange(min=0),
@@ -70,7 +123,7 @@ def audit_list(
     since: datetime | None,
     until: datetime | None,
 ) -> None:
-    """List audit events, one per line, oldest first.
+    """List audit events, one per line under a header row, oldest first.
 
     Columns: sequence, time, principal, operation, key_id, version, outcome, reason.
     --json prints one JSON object per line with every field (chain and chain_sequence too).
@@ -85,6 +138,8 @@ def audit_list(
         after_sequence=after,
         limit=limit,
     )
+    if not state.json:
+        click.echo(render.EVENT_HEADER)
     for event in events:
         if state.json:
             echo_json(_event_dict(event), lines=True)

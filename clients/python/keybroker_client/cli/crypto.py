@@ -6,9 +6,17 @@ from typing import IO, Any
 
 import click
 
+from keybroker_client.cli.completion import complete_key_ids
 from keybroker_client.cli.errors import fail_usage
 from keybroker_client.cli.options import blob_options, context_option, json_flag
-from keybroker_client.cli.output import b64, echo_json, read_blob, write_out
+from keybroker_client.cli.output import (
+    b64,
+    echo_json,
+    plaintext_to_terminal_flag,
+    read_blob,
+    refuse_secret_on_terminal,
+    write_out,
+)
 from keybroker_client.cli.state import State, get_state
 
 #: The broker's Encrypt RPC takes at most this many bytes; larger data goes through datakey.
@@ -16,7 +24,7 @@ MAX_ENCRYPT_BYTES = 64 * 1024
 
 
 @click.command("datakey")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @context_option
 @click.option(
     "--out",
@@ -36,6 +44,7 @@ MAX_ENCRYPT_BYTES = 64 * 1024
     metavar="FILE",
     help="Write the plaintext key (raw 32 bytes) to FILE, created with mode 0600.",
 )
+@plaintext_to_terminal_flag
 @click.pass_context
 def datakey(
     ctx: click.Context,
@@ -45,14 +54,20 @@ def datakey(
     out_path: str | None,
     show_plaintext: bool,
     plaintext_out: str | None,
+    plaintext_to_terminal: bool,
 ) -> None:
     """Generate a data key under KEY_ID and print it as JSON.
 
     Prints {key_id, key_version, plaintext_key, wrapped_key}, bytes in base64. With --out the
     wrapped key goes to FILE and the plaintext key is printed only with --show-plaintext.
-    Needs an encrypt grant.
+    Needs an encrypt grant. On a terminal, printing the plaintext key is refused unless
+    --plaintext-to-terminal is given.
     """
     state = get_state(ctx)
+    if show_plaintext or (not out_path and not plaintext_out):
+        refuse_secret_on_terminal(
+            plaintext_to_terminal, "the plaintext key", "--plaintext-out FILE --out FILE"
+        )
     dk = state.client().generate_data_key(key_id, context)
     out: dict[str, Any] = {"key_id": dk.key_id, "key_version": dk.key_version}
     if plaintext_out:
@@ -82,7 +97,7 @@ def _emit_blob(state: State, blob: bytes, key_id: str, version: int, out_path: s
 
 
 @click.command("encrypt")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @context_option
 @click.option(
     "--in",
@@ -154,8 +169,9 @@ def _token_value(token: str | None, token_file: str | None) -> str:
     "out_path",
     metavar="FILE|-",
     help="Write the plaintext (raw bytes) to FILE (mode 0600) or - (stdout). "
-    "Default: print it in base64.",
+    "Default: print it in base64 (on a terminal, only with --plaintext-to-terminal).",
 )
+@plaintext_to_terminal_flag
 @json_flag
 @click.pass_context
 def decrypt(
@@ -167,12 +183,15 @@ def decrypt(
     in_file: IO[bytes] | None,
     blob_b64: str | None,
     out_path: str | None,
+    plaintext_to_terminal: bool,
 ) -> None:
     """Decrypt a wrapped data key or ciphertext with a token.
 
     The blob names its key and version; give the same --context it was made with.
     """
     state = get_state(ctx)
+    if out_path in (None, "-"):
+        refuse_secret_on_terminal(plaintext_to_terminal, "the plaintext", "--out FILE")
     token_text = _token_value(token, token_file)
     blob = read_blob(in_file, blob_b64)
     result = state.client().decrypt(blob, context, token_text)

@@ -7,6 +7,7 @@ from datetime import timedelta
 import click
 
 from keybroker_client.cli import render
+from keybroker_client.cli.completion import complete_key_ids
 from keybroker_client.cli.errors import fail_usage
 from keybroker_client.cli.options import DURATION, GRANT_HELP, json_flag, policy_from_options
 from keybroker_client.cli.output import echo_json, echo_key
@@ -69,9 +70,12 @@ def keys_create(
 @json_flag
 @click.pass_context
 def keys_list(ctx: click.Context, page_size: int) -> None:
-    """List every key, one per line (JSON lines with --json)."""
+    """List every key, one per line under a header row (JSON lines with --json)."""
     state = get_state(ctx)
-    for key in state.client().iter_keys(page_size=page_size):
+    keys_iter = state.client().iter_keys(page_size=page_size)
+    if not state.json:
+        click.echo(render.KEY_HEADER)
+    for key in keys_iter:
         if state.json:
             echo_json(render.key_to_dict(key), lines=True)
         else:
@@ -79,7 +83,7 @@ def keys_list(ctx: click.Context, page_size: int) -> None:
 
 
 @keys.command("show")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @json_flag
 @click.pass_context
 def keys_show(ctx: click.Context, key_id: str) -> None:
@@ -89,7 +93,7 @@ def keys_show(ctx: click.Context, key_id: str) -> None:
 
 
 @keys.command("rotate")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @json_flag
 @click.pass_context
 def keys_rotate(ctx: click.Context, key_id: str) -> None:
@@ -99,7 +103,7 @@ def keys_rotate(ctx: click.Context, key_id: str) -> None:
 
 
 @keys.command("enable")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @json_flag
 @click.pass_context
 def keys_enable(ctx: click.Context, key_id: str) -> None:
@@ -109,7 +113,7 @@ def keys_enable(ctx: click.Context, key_id: str) -> None:
 
 
 @keys.command("disable")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @json_flag
 @click.pass_context
 def keys_disable(ctx: click.Context, key_id: str) -> None:
@@ -119,7 +123,7 @@ def keys_disable(ctx: click.Context, key_id: str) -> None:
 
 
 @keys.command("set-policy")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @click.option("--grant", "grants", multiple=True, metavar="GRANT", help=GRANT_HELP)
 @click.option(
     "--max-token-ttl", type=DURATION, help="Longest token lifetime for the decrypt grants."
@@ -154,7 +158,7 @@ def keys_set_policy(
 
 
 @keys.command("schedule-destruction")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @click.option(
     "--pending-window", type=DURATION, help="Time until destruction, e.g. 7d (broker default)."
 )
@@ -169,7 +173,7 @@ def keys_schedule_destruction(
 
 
 @keys.command("cancel-destruction")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @json_flag
 @click.pass_context
 def keys_cancel_destruction(ctx: click.Context, key_id: str) -> None:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import os
+import sys
 from typing import IO, Any
 
 import click
@@ -31,6 +32,40 @@ def echo_key(state: State, key: Key) -> None:
         echo_json(render.key_to_dict(key))
     else:
         click.echo(render.key_text(key))
+
+
+def stdout_is_terminal() -> bool:
+    """Whether stdout is a terminal (not a pipe or a file)."""
+    return sys.stdout.isatty()
+
+
+def refuse_secret_on_terminal(allowed: bool, what: str, instead: str) -> None:
+    """Ends with a usage error if ``what`` (a secret) would be printed to a terminal.
+
+    A terminal keeps it in its scroll-back, screen recordings and shared sessions; a pipe or a
+    file is the caller's deliberate choice. Checked before any call, so nothing is generated,
+    decrypted or audited for output that would be refused.
+
+    Args:
+        allowed: the caller gave ``--plaintext-to-terminal``.
+        what: the secret, as the message names it.
+        instead: the options that put it elsewhere, as the message suggests them.
+    """
+    if not allowed and stdout_is_terminal():
+        raise click.UsageError(
+            f"refusing to print {what} to a terminal: use {instead}, pipe the output, "
+            "or pass --plaintext-to-terminal"
+        )
+
+
+def plaintext_to_terminal_flag(func: Any) -> Any:
+    """Adds ``--plaintext-to-terminal``: the explicit consent to print a secret on a terminal."""
+    return click.option(
+        "--plaintext-to-terminal",
+        is_flag=True,
+        help="Print the plaintext even when stdout is a terminal (refused by default: it is "
+        "a secret, and stays in scroll-back). Pipes and files need no flag.",
+    )(func)
 
 
 def write_out(path: str, data: bytes, *, secret: bool) -> None:

@@ -115,6 +115,10 @@ def key_text(key: Key) -> str:
     return "\n".join(lines)
 
 
+#: The header row of ``keys list``, aligned with :func:`key_row`.
+KEY_HEADER = f"{'KEY_ID':<32} {'STATE':<20} {'VER':<5} {'HSM':<16} DESCRIPTION"
+
+
 def key_row(key: Key) -> str:
     """One line per key for ``keys list``."""
     state = key.state.value
@@ -141,6 +145,21 @@ def event_to_dict(event: AuditEvent) -> dict[str, Any]:
         "prev_hash": event.prev_hash,
         "hash": event.hash,
     }
+
+
+#: The header row of ``audit list``, aligned with :func:`event_line` (times to the second).
+EVENT_HEADER = "  ".join(
+    [
+        f"{'SEQ':>6}",
+        f"{'TIME':<20}",
+        f"{'PRINCIPAL':<12}",
+        f"{'OPERATION':<22}",
+        f"{'KEY_ID':<20}",
+        f"{'VER':<4}",
+        f"{'OUTCOME':<7}",
+        "REASON",
+    ]
+)
 
 
 def event_line(event: AuditEvent) -> str:

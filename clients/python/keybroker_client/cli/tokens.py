@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+import sys
+from datetime import UTC, datetime, timedelta
 
 import click
 
 from keybroker_client.certs import cert_thumbprint
+from keybroker_client.cli.completion import complete_key_ids
 from keybroker_client.cli.errors import fail_usage
 from keybroker_client.cli.options import DURATION, context_option, json_flag
 from keybroker_client.cli.output import echo_json, write_out
 from keybroker_client.cli.render import terminal_safe, time_text
 from keybroker_client.cli.state import get_state
+from keybroker_client.cli.token_view import claims_text, token_id_of, unverified_claims
 
 
 @click.group()
 def token() -> None:
-    """Issue and revoke decryption tokens; show the signing keys."""
+    """Issue, look up and revoke decryption tokens; show the signing keys."""
 
 
 @token.command("issue")
-@click.argument("key_id")
+@click.argument("key_id", shell_complete=complete_key_ids)
 @context_option
 @click.option("--justification", required=True, help="Why the data is needed (audited).")
 @click.option("--ttl", type=DURATION, help="Lifetime, e.g. 5m (broker default 5m, cap 1h).")
@@ -94,17 +97,43 @@ def token_issue(
 
 
 @token.command("revoke")
-@click.argument("token_id")
+@click.argument("token_or_id", metavar="TOKEN|TOKEN_ID")
 @json_flag
 @click.pass_context
-def token_revoke(ctx: click.Context, token_id: str) -> None:
-    """Revoke TOKEN_ID everywhere (admin, or the token's subject)."""
+def token_revoke(ctx: click.Context, token_or_id: str) -> None:
+    """Revoke a token everywhere (admin, or the token's subject).
+
+    Give the token itself (as `token issue` printed it; its id is read from it) or its id
+    (`token issue --json` prints token_id). - reads either from stdin.
+    """
+    if token_or_id == "-":
+        token_or_id = sys.stdin.read().strip()
+    token_id = token_id_of(token_or_id)
     state = get_state(ctx)
     state.client().revoke_token(token_id)
     if state.json:
         echo_json({"token_id": token_id, "revoked": True})
     else:
         click.echo(f"revoked {terminal_safe(token_id)}")
+
+
+@token.command("lookup")
+@click.argument("token_text", metavar="TOKEN", envvar="KEYBROKER_TOKEN")
+@json_flag
+@click.pass_context
+def token_lookup(ctx: click.Context, token_text: str) -> None:
+    """Print a token's claims: id, subject, key, context, justification, expiry.
+
+    Decoded locally and marked unverified: the signature is not checked here (the broker
+    checks it at each use). TOKEN may be - (stdin) or come from KEYBROKER_TOKEN.
+    """
+    if token_text == "-":
+        token_text = sys.stdin.read()
+    claims = unverified_claims(token_text)
+    if get_state(ctx).json:
+        echo_json({"verified": False, "claims": claims})
+    else:
+        click.echo(claims_text(claims, datetime.now(UTC)))
 
 
 @token.command("jwks")
