@@ -212,6 +212,8 @@ class Bench:
                 for c in self.args.concurrency:
                     if w > 1 and c == 1:
                         continue  # one call at a time reaches one worker: nothing to learn
+                    if name in broker.batch and c > report.BATCH_MAX_INFLIGHT:
+                        continue
                     self.measure(
                         Key("keybroker", name, w, c),
                         rnd,

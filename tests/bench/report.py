@@ -16,6 +16,9 @@ BEGIN = "<!-- hot-path:begin (written by make bench: tests/bench/hotpath.py) -->
 END = "<!-- hot-path:end -->"
 TITLE = "## Hot path: keybroker and OpenBao"
 BATCH_ITEMS = 100
+#: Batch calls in flight at most: 16 calls of 100 items already keep 1,600 items in flight, and
+#: more only makes each window wait seconds for its calls to drain (make bench stays < 10 min).
+BATCH_MAX_INFLIGHT = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +193,11 @@ def goals(results: Results, workers: list[int], top: int) -> list[Goal]:
             )
         )
         for op, raw in (("Decrypt", "decrypt"), ("GenerateDataKey", "datakey")):
-            batch = Key("keybroker", f"{op} batch", w, top)
+            batch = Key("keybroker", f"{op} batch", w, min(top, BATCH_MAX_INFLIGHT))
             out.append(
                 Goal(
-                    f"{op} batch: items/s vs raw PyKCS11 {raw} {tag}",
+                    f"{op} batch ({min(top, BATCH_MAX_INFLIGHT)} calls of {BATCH_ITEMS} in "
+                    f"flight): items/s vs raw PyKCS11 {raw} {tag}",
                     0.7,
                     True,
                     results.ratio(batch, Key("pkcs11", raw, 1, 1), "rps", scale=BATCH_ITEMS),

@@ -57,7 +57,9 @@ def test_ratios_pair_the_systems_within_each_round() -> None:
     p99 = by_text["Decrypt p99 at 64 vs OpenBao (1 worker)"]
     assert p99.values == [0.5, 0.5]
     assert p99.row()[-1] == "missed"
-    batch = by_text["Decrypt batch: items/s vs raw PyKCS11 decrypt (1 worker)"]
+    batch = by_text[
+        "Decrypt batch (16 calls of 100 in flight): items/s vs raw PyKCS11 decrypt (1 worker)"
+    ]
     assert batch.row()[2:] == ["n/a", "not measured"]
 
 
