@@ -234,11 +234,21 @@ def signature_problem(record: Record, keys: Mapping[str, ec.EllipticCurvePublicK
         return "the signed payload is not this record"
     if len(signature) != 64:
         return "the signature is not 64 bytes (ES256 r || s)"
+    if not es256_verifies(key, f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
+        return "the signature does not verify (forged or altered)"
+    return ""
+
+
+def es256_verifies(key: ec.EllipticCurvePublicKey, message: bytes, signature: bytes) -> bool:
+    """True when `signature` (IEEE P1363 r || s, 64 bytes) is an ECDSA P-256 / SHA-256
+    signature of `message` by `key`. Checked against the Wycheproof vectors."""
+    if len(signature) != 64:
+        return False
     der = encode_dss_signature(
         int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
     )
     try:
-        key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        key.verify(der, message, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        return "the signature does not verify (forged or altered)"
-    return ""
+        return False
+    return True
