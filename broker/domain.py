@@ -248,7 +248,8 @@ def validate_context(context: Mapping[str, str]) -> dict[str, str]:
     """Checks an encryption context against the limits and returns a plain copy.
 
     Raises:
-        InvalidArgument: too many entries, an empty or oversize key or value, or a NUL byte.
+        InvalidArgument: too many entries, an empty or oversize key or value, a NUL byte, or
+            a lone surrogate.
     """
     if len(context) > MAX_CONTEXT_ENTRIES:
         raise InvalidArgument(f"context has {len(context)} entries; at most {MAX_CONTEXT_ENTRIES}")
@@ -256,8 +257,12 @@ def validate_context(context: Mapping[str, str]) -> dict[str, str]:
     for name, value in context.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise InvalidArgument("context keys and values must be strings")
-        name_bytes = name.encode("utf-8", "strict")
-        value_bytes = value.encode("utf-8", "strict")
+        try:
+            name_bytes = name.encode("utf-8", "strict")
+            value_bytes = value.encode("utf-8", "strict")
+        except UnicodeEncodeError:
+            # A lone surrogate: not text any party could have sent as UTF-8.
+            raise InvalidArgument("context keys and values must be valid Unicode text") from None
         if not name_bytes:
             raise InvalidArgument("context keys must not be empty")
         if len(name_bytes) > MAX_CONTEXT_KEY_BYTES:

@@ -9,11 +9,12 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message_factory import GetMessageClass
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from keybroker.v1 import audit_pb2, crypto_pb2, key_admin_pb2, tokens_pb2
 
 from tests.broker_fixtures import Broker
+from tests.fuzzing import fuzz_settings
 
 FD = FieldDescriptor
 INT_RANGES = {
@@ -118,13 +119,15 @@ def rpc_cases() -> list[tuple[str, str, Any, Any]]:
     return cases
 
 
+pytestmark = pytest.mark.fuzz
+
 CASES = rpc_cases()
 
 
 @pytest.mark.parametrize(
     ("service", "name", "request_cls", "response_cls"), CASES, ids=[f"{c[0]}.{c[1]}" for c in CASES]
 )
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@fuzz_settings(40)
 @given(data=st.data())
 def test_generated_requests_get_clear_status_codes(
     broker: Broker,
