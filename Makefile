@@ -8,19 +8,20 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 HOME_DIR ?= var
 PROTOS := $(wildcard protos/keybroker/v1/*.proto)
-APT_PACKAGES := softhsm2 python3-venv
+APT_PACKAGES := softhsm2 python3-venv strace
 
-.PHONY: run test lint bench bench-deps fuzz proto deps system-deps clean help
+.PHONY: run test postgres lint bench bench-deps soak fuzz proto deps system-deps clean help
 
 help:
 	@echo "make run    start the broker with the embedded default (state in ./$(HOME_DIR))"
-	@echo "make test   run every test against real SoftHSM2"
+	@echo "make test   run every test against real SoftHSM2 (SQLite, then PostgreSQL)"
 	@echo "make lint   buf lint, ruff, mypy, import-linter"
 	@echo "make bench  keybroker beside OpenBao on the hot path: docs/benchmarks.md"
+	@echo "make soak   steady mixed load for SOAK_SECONDS (300): docs/soak.md"
 	@echo "make fuzz   the parser and RPC properties at length, then atheris on each parser"
 
 system-deps:
-	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! command -v strace >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
 	  echo "installing $(APT_PACKAGES) with apt-get"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
@@ -42,8 +43,24 @@ $(BUF): protos/package.json protos/package-lock.json
 run: deps
 	$(VENV)/bin/keybroker-server --home $(HOME_DIR)
 
-test: deps
+# `make test` runs every test on SQLite, then the integration tests again on PostgreSQL
+# (docs/storage.md): the local cluster, installed with apt when missing and started when down.
+KEYBROKER_TEST_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/test
+export KEYBROKER_TEST_POSTGRES
+
+postgres:
+	@if ! command -v pg_ctlcluster >/dev/null 2>&1; then \
+	  echo "installing postgresql with apt-get"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; \
+	fi
+	@if ! pg_isready -q -d "$(KEYBROKER_TEST_POSTGRES)"; then \
+	  echo "starting PostgreSQL"; \
+	  $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | sort -V | tail -1) main start; \
+	fi
+
+test: deps postgres
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q --store=postgres tests/integration
 
 proto: deps
 	$(PY) -m grpc_tools.protoc -I protos --python_out=clients/python --pyi_out=clients/python \
@@ -98,6 +115,14 @@ bench-deps: deps $(BENCH_STAMP)
 bench: bench-deps
 	$(PY) -m tests.bench.hotpath
 	@if [ -f tests/bench/files.py ]; then $(PY) -m tests.bench.files; fi
+
+# Steady mixed load at SOAK_RATE calls/s for SOAK_SECONDS, from a process of its own; errors,
+# latency, the broker's RSS and descriptors over time, and the audit count: docs/soak.md.
+SOAK_SECONDS ?= 300
+SOAK_RATE ?= 100
+
+soak: deps $(BENCH_STAMP)
+	$(PY) -m tests.bench.soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
 
 clean:
 	rm -rf $(VENV) protos/node_modules tests/bench/node/node_modules build/bench

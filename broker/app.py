@@ -5,26 +5,36 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from broker import devhsm
-from broker.adapters.audit_sinks import SinkFanout, open_sinks
+from broker.adapters.audit_sinks import QueuedSink, SinkFanout, open_sinks
 from broker.adapters.pkcs11 import Pkcs11Hsm, Pkcs11Library
+from broker.adapters.postgres_store import PostgresStore
 from broker.adapters.sqlite_store import SqliteStore
 from broker.clock import SystemClock
-from broker.config import DEV_IDENTITIES, Settings
+from broker.config import DEV_IDENTITIES, ConfigError, Settings
 from broker.devpki import ensure_dev_pki
 from broker.domain import Role
 from broker.errors import HsmPinRefused, Unavailable
-from broker.ports import AuditStore, Clock, Hsm, HsmInfo
+from broker.fault_injection import with_faults
+from broker.metrics import Metrics
+from broker.ports import AuditStore, Clock, Hsm, HsmInfo, Store
+from broker.probes import PROBE_TIMEOUT, bounded
 from broker.services.access import Access, RateLimiter
+from broker.services.approvals import ApprovalService, ApprovalSettings
 from broker.services.audit import AuditLog, AuditReader, AuditSettings
 from broker.services.crypto import CryptoService
 from broker.services.keys import KeyService
+from broker.services.orphans import report_orphans
+from broker.services.scheduler import KeyScheduler, new_holder_id
 from broker.services.signing import AUDIT_PURPOSE, TOKEN_PURPOSE, SigningKeys
-from broker.services.startup_check import check_templates
+from broker.services.startup_check import check_templates, settled
 from broker.services.tokens import TokenService, TokenSettings
+from broker.transport.revocation import ClientCertificateRevocations, RevocationFileError
 from broker.transport.server import Services, TlsMaterial
 
 log = logging.getLogger(__name__)
@@ -34,14 +44,32 @@ log = logging.getLogger(__name__)
 class App:
     settings: Settings
     services: Services
-    store: SqliteStore
+    store: Store
     hsms: dict[str, Hsm]
     signing: SigningKeys
     tls: TlsMaterial
     audit_sinks: SinkFanout
     audit: AuditLog | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    #: Due destructions and rotations (`keys.scheduler_interval`); a pass is run by hand
+    #: with `scheduler.run_once()`.
+    scheduler: KeyScheduler | None = None
+
+    def health_probes(self, timeout: float = PROBE_TIMEOUT) -> list[Callable[[], None]]:
+        """What health watches (`HealthMonitor`): every HSM and the store, each recorded in
+        `keybroker_dependency_up`. Any of them down, or not answering within `timeout`
+        seconds (a hung HSM, `broker.probes`), makes the broker NOT_SERVING."""
+        checks = {f"hsm:{name}": h.check for name, h in self.hsms.items()}
+        checks["store"] = self.store.check
+        return [
+            self.metrics.probe(name, bounded(name, check, timeout))
+            for name, check in checks.items()
+        ]
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            # Before anything it uses closes; a pass under way finishes first.
+            self.scheduler.close()
         if self.audit is not None:
             # First, while the HSM is open: the chain's closing checkpoint.
             self.audit.close()
@@ -52,9 +80,9 @@ class App:
         self.audit_sinks.close()
 
 
-def open_hsms(settings: Settings) -> dict[str, Hsm]:
+def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, Hsm]:
     """Loads each PKCS#11 module once, initialises development SoftHSM2 tokens if asked
-    (`broker.devhsm`), and opens a session pool per configured token."""
+    (`broker.devhsm`), and opens a session pool per configured token (reported to `metrics`)."""
     libraries: dict[str, Pkcs11Library] = {}
     hsms: dict[str, Hsm] = {}
     if any(not c.module for c in settings.hsms):
@@ -69,9 +97,17 @@ def open_hsms(settings: Settings) -> dict[str, Hsm]:
             assert cfg.pin_file is not None
             devhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
-        hsm = Pkcs11Hsm(library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size)
+        observer = metrics.hsm_operation if metrics is not None else None
+        hsm: Hsm = Pkcs11Hsm(
+            library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size, observer=observer
+        )
         try:
+            hsm = with_faults(hsm, cfg)  # tests only: docs/operations.md
             _first_check(hsm)
+        except ConfigError:
+            for opened in (hsm, *hsms.values()):
+                opened.close()
+            raise
         except Unavailable as exc:
             for opened in (hsm, *hsms.values()):
                 opened.close()
@@ -113,13 +149,54 @@ def load_tls(settings: Settings) -> TlsMaterial:
         assert settings.tls_cert and settings.tls_key and settings.client_ca
         paths = (settings.tls_cert, settings.tls_key, settings.client_ca)
     cert, key, ca = (Path(p).read_bytes() for p in paths)
-    return TlsMaterial(server_cert=cert, server_key=key, client_ca=ca)
+    return TlsMaterial(
+        server_cert=cert, server_key=key, client_ca=ca, revocations=load_revocations(settings, ca)
+    )
+
+
+def load_revocations(settings: Settings, client_ca: bytes) -> ClientCertificateRevocations | None:
+    """The revocation check of `tls.crl_file` and `tls.deny_list_file`; None when neither
+    is set.
+
+    Raises:
+        ConfigError: a file cannot be read, or a CRL is not signed by a client CA.
+    """
+    if settings.tls_crl_file is None and settings.tls_deny_list_file is None:
+        return None
+    try:
+        return ClientCertificateRevocations(
+            client_ca,
+            crl_file=settings.tls_crl_file,
+            deny_list_file=settings.tls_deny_list_file,
+            check_seconds=settings.tls_revocation_check_seconds,
+        )
+    except RevocationFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def open_store(settings: Settings) -> Store:
+    """The PostgreSQL database of `store.url` (replicas share it), else the embedded SQLite
+    file; either brings its schema up to date first (docs/storage.md).
+
+    Raises:
+        StoreUnavailable: the database cannot be reached.
+        SchemaTooNew: a newer keybroker migrated it.
+        ConfigError: the password file is missing or unsafe.
+    """
+    if settings.store_url:
+        return PostgresStore(
+            settings.store_url, settings.read_database_password(), settings.store_pool_size
+        )
+    return SqliteStore(settings.database or settings.home / "keybroker.db")
 
 
 def build_app(
     settings: Settings,
     clock: Clock | None = None,
     audit_store: AuditStore | None = None,
+    metrics: Metrics | None = None,
+    *,
+    scan_orphans: bool = False,
 ) -> App:
     """Builds every part of the broker for `settings`.
 
@@ -127,20 +204,33 @@ def build_app(
         settings: validated settings.
         clock: the time source (tests inject one).
         audit_store: replaces the audit table (tests inject a failing one).
+        metrics: where the broker reports; a fresh registry of its own when None.
+        scan_orphans: log the HSM objects no key of the store refers to
+            (`services.orphans`); it reads every key object of each token, so the server
+            does it once per start rather than every broker a test builds.
     """
     settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     clock = clock or SystemClock()
+    metrics = metrics or Metrics()
     tls = load_tls(settings)
-    hsms = open_hsms(settings)
-    store = SqliteStore(settings.database or settings.home / "keybroker.db")
+    hsms = open_hsms(settings, metrics)
     try:
-        return _assemble(settings, clock, audit_store, tls, hsms, store)
+        store = open_store(settings)
+    except BaseException:
+        for hsm in hsms.values():
+            hsm.close()
+        raise
+    try:
+        app = _assemble(settings, clock, audit_store, tls, hsms, store, metrics)
     except BaseException:
         # Nothing half-opened stays behind when the start fails (e.g. a weak key).
         for hsm in hsms.values():
             hsm.close()
         store.close()
         raise
+    if scan_orphans:
+        report_orphans(store, hsms, app.signing)  # reported, never deleted
+    return app
 
 
 def _assemble(
@@ -149,7 +239,8 @@ def _assemble(
     audit_store: AuditStore | None,
     tls: TlsMaterial,
     hsms: dict[str, Hsm],
-    store: SqliteStore,
+    store: Store,
+    metrics: Metrics,
 ) -> App:
     roles: dict[str, frozenset[Role]] = {}
     for name in settings.admins:
@@ -159,13 +250,15 @@ def _assemble(
     access = Access(roles, hsms)
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     signing = SigningKeys(store, hsms)
-    signing.ensure(TOKEN_PURPOSE, settings.default_hsm)
-    audit_key = signing.ensure(AUDIT_PURPOSE, settings.default_hsm)
+    settled(lambda: signing.ensure(TOKEN_PURPOSE, settings.default_hsm))
+    audit_key = settled(lambda: signing.ensure(AUDIT_PURPOSE, settings.default_hsm))
     check_templates(store, hsms, signing)
     # After the checks that may refuse the start, so no sink thread outlives a failed start.
     sinks = open_sinks(settings.audit_sinks)
+    metrics.watch_pools({n: h.pool for n, h in hsms.items() if isinstance(h, Pkcs11Hsm)})
+    metrics.watch_sinks({s.name: s.stats for s in sinks.sinks if isinstance(s, QueuedSink)})
     audit = AuditLog(
-        audit_store or store,
+        metrics.timed_audit_store(audit_store or store),
         clock,
         signing,
         anchors=audit_key.hsm,  # the anchors live with the audit key
@@ -183,12 +276,48 @@ def _assemble(
         limiter=limiter,
         clock=clock,
         signing=signing,
+        observer=metrics,
     )
+    keys = KeyService(
+        store,
+        access,
+        audit,
+        clock,
+        settings.default_hsm,
+        limiter,
+        min_destruction_window=timedelta(seconds=settings.keys_min_destruction_window),
+    )
+    approval_settings = ApprovalSettings(
+        settings.approvals_required, timedelta(seconds=settings.approvals_expiry)
+    )
+    if settings.approvals_required > len(set(settings.admins)):
+        log.warning(
+            "approvals.required is %d but roles.admins names %d: no change that needs "
+            "approval can be approved",
+            settings.approvals_required,
+            len(set(settings.admins)),
+        )
     services = Services(
-        keys=KeyService(store, access, audit, clock, settings.default_hsm, limiter),
+        keys=keys,
+        approvals=ApprovalService(
+            store, store, keys, access, audit, clock, limiter, approval_settings
+        ),
         crypto=CryptoService(store, access, audit, tokens, limiter),
         tokens=tokens,
         audit=AuditReader(audit, access),
         audit_sinks=sinks.sinks,
     )
-    return App(settings, services, store, hsms, signing, tls, sinks, audit)
+    scheduler = KeyScheduler(
+        store,
+        hsms,
+        access,
+        audit,
+        clock,
+        signing,
+        issuer=settings.issuer,
+        holder=new_holder_id(settings.broker_id),
+        interval=settings.keys_scheduler_interval,
+    )
+    app = App(settings, services, store, hsms, signing, tls, sinks, audit, metrics, scheduler)
+    scheduler.start()
+    return app

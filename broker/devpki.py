@@ -31,13 +31,14 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(data)
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker development"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
+def _name(cn: str, country: str = "") -> x509.Name:
+    attributes = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "keybroker development"),
+        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+    ]
+    if country:
+        attributes.insert(0, x509.NameAttribute(NameOID.COUNTRY_NAME, country))
+    return x509.Name(attributes)
 
 
 def _issue(
@@ -45,12 +46,13 @@ def _issue(
     ca_cert: x509.Certificate,
     cn: str,
     server: bool,
+    country: str = "",
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        .subject_name(_name(cn, country))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -126,12 +128,18 @@ def ensure_dev_pki(directory: Path, identities: tuple[str, ...]) -> bool:
 IDENTITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def issue_dev_identity(directory: Path, name: str) -> tuple[Path, Path]:
+#: A certificate subject's country: an ISO 3166-1 alpha-2 code.
+COUNTRY_CODE = re.compile(r"[A-Z]{2}")
+
+
+def issue_dev_identity(directory: Path, name: str, country: str = "") -> tuple[Path, Path]:
     """Issues NAME.pem/NAME.key for a new client principal from the development CA.
 
     Args:
         directory: the PKI directory (HOME/pki) holding ca.pem and ca.key.
         name: the principal, the certificate's common name.
+        country: the subject's country (C=), an ISO 3166-1 alpha-2 code such as "FR", which
+            grants may require (`Grant.countries`); empty for none.
 
     Returns:
         The certificate and key paths (key mode 0600).
@@ -144,6 +152,8 @@ def issue_dev_identity(directory: Path, name: str) -> tuple[Path, Path]:
         raise ValueError(
             f"bad identity name {name!r}: letters, digits, '.', '_', '-' (not ca or server)"
         )
+    if country and not COUNTRY_CODE.fullmatch(country):
+        raise ValueError(f"bad country {country!r}: a two-letter ISO 3166-1 code such as FR")
     ca_pem, ca_key_path = directory / "ca.pem", directory / "ca.key"
     if not (ca_pem.is_file() and ca_key_path.is_file()):
         raise ValueError(
@@ -157,7 +167,7 @@ def issue_dev_identity(directory: Path, name: str) -> tuple[Path, Path]:
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca_key_path.absolute()} is not the development CA's EC key")
-    key, cert = _issue(ca_key, ca_cert, name, server=False)
+    key, cert = _issue(ca_key, ca_cert, name, server=False, country=country)
     _write_private(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

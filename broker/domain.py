@@ -6,11 +6,15 @@ Pure data and pure rules (validation, context matching); no I/O, no grpc, no PyK
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
+import json
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring as _encode_basestring
 from typing import Any
 
 from keybroker_client import evidence
@@ -68,6 +72,13 @@ class AuditOperation(enum.StrEnum):
     UPDATE_KEY_POLICY = "UpdateKeyPolicy"
     ENABLE_KEY = "EnableKey"
     DISABLE_KEY = "DisableKey"
+    SCHEDULE_KEY_DESTRUCTION = "ScheduleKeyDestruction"
+    CANCEL_KEY_DESTRUCTION = "CancelKeyDestruction"
+    #: The scheduler's destruction of a key's HSM objects once its pending window is over.
+    DESTROY_KEY = "DestroyKey"
+    GET_DESTRUCTION_RECEIPT = "GetDestructionReceipt"
+    SET_MIN_DECRYPTION_VERSION = "SetMinDecryptionVersion"
+    GET_KEY_USAGE = "GetKeyUsage"
     GENERATE_DATA_KEY = "GenerateDataKey"
     ENCRYPT = "Encrypt"
     DECRYPT = "Decrypt"
@@ -77,6 +88,22 @@ class AuditOperation(enum.StrEnum):
     LIST_AUDIT_EVENTS = "ListAuditEvents"
     VERIFY_AUDIT_LOG = "VerifyAuditLog"
     EXPORT_AUDIT_LOG = "ExportAuditLog"
+    #: A change that needs approval (approvals.required > 1) was asked for: UpdateKeyPolicy,
+    #: EnableKey of a disabled key or ScheduleKeyDestruction made a pending request.
+    REQUEST_APPROVAL = "RequestApproval"
+    APPROVE_REQUEST = "ApproveRequest"
+    #: The approved change applied to the key (allowed), or refused as stale (denied).
+    APPLY_APPROVED_CHANGE = "ApplyApprovedChange"
+    #: A pending request found past its expiry time (principal `keybroker-approvals`).
+    EXPIRE_APPROVAL_REQUEST = "ExpireApprovalRequest"
+    CANCEL_APPROVAL_REQUEST = "CancelApprovalRequest"
+    GET_APPROVAL_REQUEST = "GetApprovalRequest"
+    LIST_APPROVAL_REQUESTS = "ListApprovalRequests"
+
+
+#: The reason of an allowed ReWrap event whose blob was already under the primary version: it
+#: was checked (decrypted in the HSM), not re-wrapped.
+REWRAP_ALREADY_CURRENT = "already under the primary version; checked, left unchanged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,22 +119,48 @@ class Caller:
     principal: str
     cert_thumbprint: str
     request_id: str
+    #: ISO 3166-1 alpha-2 code of the certificate subject's country (its one C= attribute),
+    #: or "" when it names none (or several).
+    country: str = ""
+    #: Why the certificate, though verified by TLS, is refused (revoked: a CRL or the deny
+    #: list names it); "" when it is not. Refused in the call's audit scope, so the refusal
+    #: is audited with the principal.
+    certificate_refusal: str = ""
 
     def require_authenticated(self) -> None:
-        """Raises Unauthenticated for a caller without a verified client certificate."""
+        """Raises Unauthenticated for a caller without a verified client certificate, or
+        whose certificate is revoked."""
         if not self.principal or not self.cert_thumbprint:
             raise Unauthenticated(
                 "no client certificate: connect with mutual TLS using a certificate issued by "
                 "the broker's client CA"
             )
+        if self.certificate_refusal:
+            raise Unauthenticated(self.certificate_refusal)
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
+    """What one principal may do with a key.
+
+    Attributes:
+        principal: the client certificate identity the grant is for.
+        operations: what it allows.
+        context: entries a request's (or token's) context must carry, see `context_allows`.
+        max_token_ttl: the longest token lifetime it allows.
+        countries: when not empty, the grant applies only to a caller whose certificate
+            names one of these countries (ISO 3166-1 alpha-2, the subject's C=).
+    """
+
     principal: str
     operations: frozenset[Operation]
     context: Mapping[str, str] = field(default_factory=dict)
     max_token_ttl: timedelta | None = None
+    countries: tuple[str, ...] = ()
+
+    def country_allows(self, country: str) -> bool:
+        """True when the grant names no country, or names `country` (never an empty one)."""
+        return not self.countries or (bool(country) and country in self.countries)
 
     def context_allows(self, context: Mapping[str, str]) -> bool:
         """True when every entry of the grant's context appears in `context`.
@@ -146,6 +199,37 @@ class KeyVersion:
     hsm_label: str
 
 
+class LeaseTask(enum.Enum):
+    """Background work on a key that one scheduler at a time may do."""
+
+    DESTROY = "destroy"
+    ROTATE = "rotate"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A scheduler's claim on a key's background work, written into the key record by
+    compare-and-set: among several workers and replicas only the holder does the work.
+
+    A holder that dies leaves its lease behind; once `expire_time` has passed another
+    scheduler may take the work over (destroying an object already gone is no error, and a
+    rotation is decided by the compare-and-set that stores the new version).
+
+    Attributes:
+        holder: the scheduler instance (broker id, host, process and a random part).
+        task: the work claimed.
+        expire_time: until when the claim holds.
+    """
+
+    holder: str
+    task: LeaseTask
+    expire_time: datetime
+
+    def held(self, now: datetime) -> bool:
+        """True while the lease keeps others away."""
+        return now < self.expire_time
+
+
 @dataclass(frozen=True, slots=True)
 class Key:
     """A key's metadata; its versions' material lives only in the HSM named by `hsm`."""
@@ -164,6 +248,14 @@ class Key:
     destroy_time: datetime | None = None
     #: Bumped by every stored update; compare-and-set guard against lost updates.
     revision: int = 1
+    #: The scheduler's claim on the key's destruction or rotation, if any. A destroy lease
+    #: stays (expired) after a failed attempt: the destruction has begun and cannot be
+    #: cancelled any more.
+    lease: Lease | None = None
+    #: Once destroyed: the signed destruction receipt (canonical JSON, see
+    #: `keybroker_client.evidence.receipt`). Between the shredding and the signature: the
+    #: receipt's unsigned statement, from which a later attempt finishes.
+    destruction_receipt: str = ""
 
     def version(self, number: int) -> KeyVersion | None:
         for v in self.versions:
@@ -179,6 +271,116 @@ class Key:
 
     def evolve(self, **changes: Any) -> Key:
         return replace(self, **changes)
+
+    def destruction_started(self) -> bool:
+        """True once a scheduler has claimed the destruction: some HSM objects may be gone."""
+        return self.lease is not None and self.lease.task is LeaseTask.DESTROY
+
+
+class ApprovalState(enum.Enum):
+    """Where an approval request stands; only PENDING ever changes."""
+
+    PENDING = "pending"
+    APPLIED = "applied"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class ApprovalOperation(enum.Enum):
+    """The change an approval request holds, by the RPC that asked for it."""
+
+    UPDATE_KEY_POLICY = "UpdateKeyPolicy"
+    ENABLE_KEY = "EnableKey"
+    SCHEDULE_KEY_DESTRUCTION = "ScheduleKeyDestruction"
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One admin's approval of a request (the requester's is the first)."""
+
+    principal: str
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    """A change to a key that waits until `required` distinct admins, the requester counting
+    as the first, have approved it (docs/lifecycle.md, "Approvals").
+
+    Attributes:
+        request_id: `apr-YYYYMMDD-HHMMSS-<8 hex>`, so ids sort by creation time.
+        operation: what the change is.
+        key_id: the key it changes.
+        requester: the admin who asked for it.
+        create_time: when it was asked for.
+        expire_time: after this it can no longer be approved.
+        required: distinct admins needed, the requester included.
+        key_revision: the key's revision when it was asked for: the change applies only to
+            the key at that revision (compare-and-set), never to a key changed since.
+        policy: the whole policy requested (UPDATE_KEY_POLICY).
+        pending_window: the window requested (SCHEDULE_KEY_DESTRUCTION).
+        widening: how the requested policy widens the key's policy, one line each.
+        approvals: the approvals so far, the requester's first.
+        state: where it stands.
+        reason: why it failed, expired or was cancelled.
+        close_time: when it left PENDING.
+        closed_by: who applied or cancelled it (or the expiry's principal).
+        revision: bumped by every stored update; compare-and-set guard.
+    """
+
+    request_id: str
+    operation: ApprovalOperation
+    key_id: str
+    requester: str
+    create_time: datetime
+    expire_time: datetime
+    required: int
+    key_revision: int
+    policy: KeyPolicy | None = None
+    pending_window: timedelta | None = None
+    widening: tuple[str, ...] = ()
+    approvals: tuple[Approval, ...] = ()
+    state: ApprovalState = ApprovalState.PENDING
+    reason: str = ""
+    close_time: datetime | None = None
+    closed_by: str = ""
+    revision: int = 1
+
+    def approvers(self) -> tuple[str, ...]:
+        return tuple(a.principal for a in self.approvals)
+
+    def past_expiry(self, now: datetime) -> bool:
+        """True for a request still stored as PENDING whose expiry time has come."""
+        return self.state is ApprovalState.PENDING and now >= self.expire_time
+
+    def evolve(self, **changes: Any) -> ApprovalRequest:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionUsage:
+    """How one key version has been used, as the audit trail tells (`GetKeyUsage`).
+
+    Attributes:
+        version: the key version.
+        data_keys_issued: allowed GenerateDataKey events (one per data key of a batch).
+        encryptions: allowed Encrypt events.
+        rewrapped: allowed ReWrap events whose result is this version.
+        decrypts: allowed Decrypt events of blobs of this version.
+        decrypts_refused: refused Decrypt events of blobs of this version.
+        last_decrypt_time: the time of the last allowed Decrypt.
+        last_use_time: the time of the last allowed use of any kind.
+    """
+
+    version: int
+    data_keys_issued: int = 0
+    encryptions: int = 0
+    rewrapped: int = 0
+    decrypts: int = 0
+    decrypts_refused: int = 0
+    last_decrypt_time: datetime | None = None
+    last_use_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,10 +491,95 @@ def canonical_context(context: Mapping[str, str]) -> bytes:
     return b"".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def format_time(value: datetime) -> str:
     """The one textual form of a time in audit records: UTC, microseconds,
-    `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see `keybroker_client.evidence`, which defines the records)."""
+    `YYYY-MM-DDTHH:MM:SS.ffffffZ` (see `keybroker_client.evidence`, which defines the records).
+
+    Remembered for the last few thousand times: an event's time is written twice, into its
+    hash and into its row, and the cache answers the second in a fraction of the first.
+    """
+    if value.tzinfo is UTC:
+        # The clock's own form (`datetime.now(UTC)`): "+00:00" becomes "Z", nothing to convert.
+        return value.isoformat(timespec="microseconds")[:-6] + "Z"
     return evidence.format_time(value)
+
+
+def context_json(context: Mapping[str, str]) -> str:
+    """An event's context as the canonical JSON of `keybroker_client.evidence.canonical`:
+    sorted keys, no spaces, UTF-8 without `\\u` escapes. The string form the store keeps and the
+    event hash covers, made without the general JSON encoder (same bytes; a unit test holds
+    the two together)."""
+    if not context:
+        return "{}"
+    items = sorted(context.items())
+    if not all(type(k) is str and type(v) is str for k, v in items):
+        return json.dumps(dict(items), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "{" + ",".join([_json_str(k) + ":" + _json_str(v) for k, v in items]) + "}"
+
+
+#: The canonical JSON of an event's hashed body (`evidence.EVENT_BODY`, in that sorted order).
+_EVENT_BODY = (
+    '{"chain":%s,"chain_sequence":%s,"context":%s,"justification":%s,"key_id":%s,'
+    '"key_version":%s,"operation":%s,"outcome":%s,"prev_hash":%s,"principal":%s,'
+    '"reason":%s,"request_id":%s,"time":%s,"token_id":%s}'
+)
+
+
+def chained_event(event: AuditEvent, chain: str, chain_sequence: int, prev_hash: str) -> AuditEvent:
+    """`event` placed at `chain_sequence` of `chain` after `prev_hash`, with its hash.
+
+    The hash is `keybroker_client.evidence.event_hash` of the event's record: SHA-256 of the
+    previous hash's bytes and the canonical JSON of the hashed body. The body is formatted
+    here directly rather than built as a dict and encoded by the general JSON encoder: one
+    event is hashed per call on the hot path, and the bytes are the same (the unit tests
+    compare the two on generated events, and the offline verifier checks every export).
+    """
+    body = _EVENT_BODY % (
+        _json_str(chain),
+        _json_int(chain_sequence),
+        context_json(event.context),
+        _json_str(event.justification),
+        _json_str(event.key_id),
+        _json_int(event.key_version),
+        _json_str(event.operation),
+        _json_str(event.outcome.value),
+        _json_str(prev_hash),
+        _json_str(event.principal),
+        _json_str(event.reason),
+        _json_str(event.request_id),
+        _json_str(format_time(event.time)),
+        _json_str(event.token_id),
+    )
+    digest = hashlib.sha256(bytes.fromhex(prev_hash) + body.encode("utf-8")).hexdigest()
+    return AuditEvent(
+        event.sequence, event.time, event.principal, event.operation, event.key_id,
+        event.key_version, event.token_id, event.context, event.justification, event.outcome,
+        event.reason, event.request_id, prev_hash, digest, chain, chain_sequence,
+    )  # fmt: skip
+
+
+def stored_event(event: AuditEvent, sequence: int) -> AuditEvent:
+    """`event` with the `sequence` its store gave it (cheaper than `dataclasses.replace`)."""
+    return AuditEvent(
+        sequence, event.time, event.principal, event.operation, event.key_id,
+        event.key_version, event.token_id, event.context, event.justification, event.outcome,
+        event.reason, event.request_id, event.prev_hash, event.hash, event.chain,
+        event.chain_sequence,
+    )  # fmt: skip
+
+
+def _json_str(value: str) -> str:
+    """A string as JSON exactly as `json.dumps(..., ensure_ascii=False)` writes it."""
+    if isinstance(value, str):
+        return _encode_basestring(value)
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)  # not a string: as JSON would
+
+
+def _json_int(value: int) -> str:
+    if type(value) is int:
+        return int.__repr__(value)
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
 
 
 def event_record(event: AuditEvent) -> evidence.Record:

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 
 class KeybrokerError(Exception):
-    """Base class of every error the broker reports to a caller."""
+    """Base class of every error the broker reports to a caller.
 
-    def __init__(self, message: str) -> None:
+    Args:
+        message: what the caller is told.
+        audit_reason: what the audit trail records instead, when it may say more than the
+            caller may learn (auditors may read what a service may not: that a key it has no
+            grant on does not exist, for example); empty: the message.
+    """
+
+    def __init__(self, message: str, *, audit_reason: str = "") -> None:
         super().__init__(message)
         self.message = message
+        self.audit_reason = audit_reason or message
 
 
 class InvalidArgument(KeybrokerError):
@@ -70,6 +78,11 @@ class AuditUnavailable(Unavailable):
 
 class StoreUnavailable(Unavailable):
     """The metadata store could not be reached."""
+
+
+class DeadlineExceeded(KeybrokerError):
+    """The caller's deadline passed while the call was under way; it stopped there. The
+    message says whether a key was used (`services.deadline`)."""
 
 
 class Unimplemented(KeybrokerError):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from broker.domain import AuditEvent, AuditFilter, Key
+from broker.domain import ApprovalRequest, ApprovalState, AuditEvent, AuditFilter, Key
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,32 @@ class Hsm(Protocol):
             HsmObjectMissing: no key with that label.
         """
 
+    def reencrypt(
+        self,
+        label: str,
+        iv: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+        new_label: str,
+        new_iv: bytes,
+        new_aad: bytes,
+    ) -> bytes:
+        """`decrypt` under `label`, then `encrypt` of the result under `new_label` (same
+        token), returning only the new ciphertext || tag: the plaintext never leaves the
+        adapter, which wipes its buffer before returning (or raising).
+
+        Raises:
+            As `decrypt` (for the first key) and `encrypt` (for the second).
+        """
+
+    def authenticate(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> None:
+        """Checks that `ciphertext` decrypts under `label` with `aad` (its tag verifies),
+        without returning the plaintext; the adapter wipes its buffer.
+
+        Raises:
+            As `decrypt`.
+        """
+
     def generate_signing_key(self, label: str) -> bytes:
         """Generates an ECDSA P-256 key pair inside the token; returns the public point.
 
@@ -142,6 +168,11 @@ class Hsm(Protocol):
         """The values of the anchors whose label starts with `prefix`, by label (normally one
         value each; two after a crash inside `write_anchor`)."""
 
+    def labels(self, prefix: str) -> list[str]:
+        """The distinct labels of the token's key objects (secret, private and public keys;
+        not the anchors) that start with `prefix`, sorted: what the start-up scan compares
+        with the store to report HSM objects no key refers to."""
+
     def check(self) -> None:
         """Cheap liveness probe; raises HsmUnavailable when the token is unreachable."""
 
@@ -171,6 +202,50 @@ class KeyStore(Protocol):
         """
 
 
+class ApprovalStore(Protocol):
+    """Approval requests (docs/lifecycle.md, "Approvals"). Updates are compare-and-set on
+    `ApprovalRequest.revision`; applying an approved change is one transaction with the key's
+    own compare-and-set, so a change applies at most once and never to a key changed since."""
+
+    def create_approval(self, request: ApprovalRequest) -> None:
+        """Stores a new request. Raises AlreadyExists when its id is taken."""
+
+    def get_approval(self, request_id: str) -> ApprovalRequest:
+        """Raises NotFound."""
+
+    def list_approvals(
+        self, after: str, limit: int, states: Sequence[ApprovalState] = (), key_id: str = ""
+    ) -> list[ApprovalRequest]:
+        """Requests with request_id > after, in request id (creation) order, at most `limit`;
+        only those in `states` (any state when empty) and of `key_id` (any key when empty)."""
+
+    def update_approval(self, request: ApprovalRequest, expected_revision: int) -> ApprovalRequest:
+        """Stores `request` with revision expected_revision + 1 if the stored revision is
+        still `expected_revision`; returns the stored request.
+
+        Raises:
+            ConcurrentModification: another writer got there first.
+            NotFound: there is no such request.
+        """
+
+    def apply_approval(
+        self,
+        request: ApprovalRequest,
+        expected_revision: int,
+        key: Key,
+        expected_key_revision: int,
+    ) -> tuple[ApprovalRequest, Key]:
+        """In one transaction: stores `request` (compare-and-set on `expected_revision`, as
+        `update_approval`) and `key` (compare-and-set on `expected_key_revision`, as
+        `KeyStore.update_key`); both or neither. Returns both as stored.
+
+        Raises:
+            ConcurrentModification: the request or the key changed meanwhile; nothing was
+                stored.
+            NotFound: the request or the key is gone.
+        """
+
+
 class RevocationStore(Protocol):
     """Issued token ids and their revocations, shared by every replica."""
 
@@ -184,6 +259,14 @@ class RevocationStore(Protocol):
         """Records a revocation; revoking twice is not an error."""
 
     def is_revoked(self, token_id: str) -> bool: ...
+
+    def revoked_and_key(self, token_id: str, key_id: str) -> tuple[bool, Key | None]:
+        """Whether `token_id` is revoked, and the key `key_id` (None when there is none), in
+        one read: the two look-ups of every Decrypt, in one round trip to the database.
+
+        Both answers must be as current as `is_revoked` and `KeyStore.get_key` give them (no
+        cache that another replica's revocation or policy change would not reach).
+        """
 
     def consume_use(self, token_id: str, max_uses: int) -> bool:
         """Counts one use of a token atomically across replicas.
@@ -282,6 +365,17 @@ class SigningKeyStore(Protocol):
         """(kid, hsm name, label) of the signing keys for `purpose`, newest first."""
 
     def add_signing_key(self, purpose: str, kid: str, hsm: str, label: str) -> None: ...
+
+
+class Store(KeyStore, RevocationStore, AuditStore, SigningKeyStore, ApprovalStore, Protocol):
+    """Everything the broker keeps in its database: the embedded SQLite file or a PostgreSQL
+    database that replicas share (docs/storage.md)."""
+
+    def check(self) -> None:
+        """Cheap liveness probe for health; raises StoreUnavailable when unreachable."""
+
+    def close(self) -> None:
+        """Closes every connection."""
 
 
 class Clock(Protocol):

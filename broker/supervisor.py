@@ -7,6 +7,8 @@ SoftHSM2 token, the development PKI, the database and the signing keys, so that 
 race to create them), reserves the port, then forks the workers. Each worker builds the whole
 broker after the fork (its own PKCS#11 sessions, database connections, audit chain and gRPC
 server) and binds the port with SO_REUSEPORT; the kernel spreads new connections over them.
+Each worker also keeps its own metrics and serves them on a port of its own (`metrics.listen`'s
+port plus the worker's index, see `worker_settings`), so no state is shared between processes.
 
 The parent reports ready once every worker is, forwards SIGTERM and SIGINT to the workers (each
 drains its calls in flight and exits), and restarts a worker that dies unexpectedly, unless
@@ -120,6 +122,22 @@ def run_workers(
         reserved.close()
 
 
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings: its metrics on `metrics.listen`'s port plus `index`.
+
+    One port per worker rather than one merged endpoint: each worker's registry stays in its
+    own process (custom collectors read live objects, which a shared multiprocess store
+    cannot), a restarted worker comes back on the same port, and Prometheus scrapes each port
+    as a target of its own. Port 0 (which the settings refuse with several workers) stays 0.
+    """
+    if not settings.metrics_listen:
+        return settings
+    host, _, port = settings.metrics_listen.rpartition(":")
+    if int(port) == 0:
+        return settings
+    return replace(settings, metrics_listen=f"{host}:{int(port) + index}")
+
+
 def _in_child(body: Callable[[], int]) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -145,7 +163,7 @@ def _spawn(index: int, settings: Settings, serve: Serve) -> _Worker:
             def ready(_port: int) -> None:
                 os.write(write_fd, b"R")
 
-            code = serve(settings, True, ready)
+            code = serve(worker_settings(settings, index), True, ready)
         finally:
             os._exit(code)
     os.close(write_fd)

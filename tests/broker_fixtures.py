@@ -1,4 +1,5 @@
-"""A real broker for integration tests: SoftHSM2 through PyKCS11, SQLite, gRPC over mTLS.
+"""A real broker for integration tests: SoftHSM2 through PyKCS11, SQLite (or PostgreSQL on a
+`--store=postgres` run, see tests/store_fixtures.py), gRPC over mTLS.
 
 One SoftHSM2 configuration serves the whole test process (SoftHSM2 reads SOFTHSM2_CONF once
 per process), with two of the simulated HSMs of `hsm_sim.tokens`: "local" (token "keybroker")
@@ -24,6 +25,7 @@ from broker.config import Settings, validate
 from broker.ports import AuditStore
 from broker.transport.server import RunningServer, create_server
 from hsm_sim.tokens import FR, US, hsm_configs
+from tests.store_fixtures import store_changes
 
 
 class ShiftableClock:
@@ -86,6 +88,8 @@ def broker_settings(home: Path, **changes: object) -> Settings:
         # anchors of a broker id must belong to one trail (one database), as in production.
         digest = hashlib.sha256(str(changes["database"]).encode()).hexdigest()[:12]
         changes["broker_id"] = f"test-{digest}"
+    # On a PostgreSQL run (--store=postgres), the database standing for that file.
+    changes = store_changes(home, changes)
     hsms = hsm_configs(home, (FR, US))
     base = Settings(home=home, listen="127.0.0.1:0", hsms=hsms, default_hsm="local")
     return validate(replace(base, **changes))  # type: ignore[arg-type]
@@ -100,7 +104,13 @@ def start_broker(
     clock = ShiftableClock()
     app = build_app(settings, clock=clock, audit_store=audit_store)
     running = create_server(
-        app.services, app.tls, settings.listen, settings.insecure_listen, max_workers=8
+        app.services,
+        app.tls,
+        settings.listen,
+        settings.insecure_listen,
+        max_workers=8,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        observer=app.metrics,
     )
     return Broker(app, running, clock, home)
 

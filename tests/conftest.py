@@ -3,4 +3,4 @@
 One SoftHSM2 configuration and one loaded PKCS#11 module serve the whole test process.
 """
 
-pytest_plugins = ["tests.hsm_fixtures", "tests.broker_fixtures"]
+pytest_plugins = ["tests.store_fixtures", "tests.hsm_fixtures", "tests.broker_fixtures"]

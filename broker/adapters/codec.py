@@ -6,7 +6,16 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker.domain import Grant, Key, KeyPolicy, KeyState, KeyVersion, Operation
+from broker.domain import (
+    Grant,
+    Key,
+    KeyPolicy,
+    KeyState,
+    KeyVersion,
+    Lease,
+    LeaseTask,
+    Operation,
+)
 
 
 def dt_to_str(value: datetime | None) -> str | None:
@@ -33,6 +42,7 @@ def policy_to_obj(policy: KeyPolicy) -> dict[str, Any]:
                 "operations": sorted(op.value for op in g.operations),
                 "context": dict(g.context),
                 "max_token_ttl": _td(g.max_token_ttl),
+                "countries": list(g.countries),
             }
             for g in policy.grants
         ],
@@ -48,11 +58,31 @@ def policy_from_obj(obj: dict[str, Any]) -> KeyPolicy:
                 operations=frozenset(Operation(op) for op in g["operations"]),
                 context=dict(g["context"]),
                 max_token_ttl=_untd(g["max_token_ttl"]),
+                # Absent from grants written before countries existed.
+                countries=tuple(g.get("countries", ())),
             )
             for g in obj["grants"]
         ),
         allowed_jurisdictions=tuple(obj["allowed_jurisdictions"]),
     )
+
+
+def lease_to_obj(lease: Lease | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {
+        "holder": lease.holder,
+        "task": lease.task.value,
+        "expire_time": dt_to_str(lease.expire_time),
+    }
+
+
+def lease_from_obj(obj: dict[str, Any] | None) -> Lease | None:
+    if obj is None:
+        return None
+    expire_time = str_to_dt(obj["expire_time"])
+    assert expire_time is not None
+    return Lease(obj["holder"], LeaseTask(obj["task"]), expire_time)
 
 
 def key_to_json(key: Key) -> str:
@@ -77,6 +107,8 @@ def key_to_json(key: Key) -> str:
             "rotation_period": _td(key.rotation_period),
             "next_rotation_time": dt_to_str(key.next_rotation_time),
             "destroy_time": dt_to_str(key.destroy_time),
+            "lease": lease_to_obj(key.lease),
+            "destruction_receipt": key.destruction_receipt,
         },
         sort_keys=True,
     )
@@ -103,4 +135,7 @@ def key_from_json(text: str, revision: int) -> Key:
         next_rotation_time=str_to_dt(obj["next_rotation_time"]),
         destroy_time=str_to_dt(obj["destroy_time"]),
         revision=revision,
+        # Absent from records written before leases and receipts existed.
+        lease=lease_from_obj(obj.get("lease")),
+        destruction_receipt=obj.get("destruction_receipt", ""),
     )

@@ -9,7 +9,6 @@ the database's write transaction (`BEGIN IMMEDIATE`), shared with other processe
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -18,67 +17,34 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from keybroker_client import evidence
-
-from broker.domain import AuditEvent, AuditFilter, Outcome
+from broker.adapters.sql_common import (
+    AUDIT_UNAVAILABLE,
+    AUDIT_UNREADABLE,
+    INSERT_CHAIN,
+    INSERT_CHECKPOINT,
+    INSERT_EVENT,
+    SELECT_CHECKPOINTS,
+    SELECT_EVENT_CHAINS,
+    SELECT_EVENTS_AFTER,
+    SELECT_LAST_SEQUENCE,
+    chain_params,
+    chain_record,
+    checkpoint_params,
+    checkpoint_record,
+    event_filter,
+    event_params,
+    listed_events,
+    page_query,
+    paged,
+    row_record,
+)
+from broker.domain import AuditEvent, AuditFilter
 from broker.errors import AuditUnavailable
 from broker.ports import Record
 
+__all__ = ["SqliteAudit", "SqliteSnapshot", "connect", "reading", "row_record", "sqlite_error"]
+
 log = logging.getLogger(__name__)
-
-PAGE = 1000
-
-AUDIT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_events (
-    sequence INTEGER PRIMARY KEY AUTOINCREMENT,
-    chain TEXT NOT NULL,
-    chain_sequence INTEGER NOT NULL,
-    time TEXT NOT NULL,
-    principal TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    key_version INTEGER NOT NULL,
-    token_id TEXT NOT NULL,
-    context TEXT NOT NULL,
-    justification TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS audit_events_by_chain ON audit_events (chain, chain_sequence);
-CREATE INDEX IF NOT EXISTS audit_events_by_key ON audit_events (key_id, sequence);
-CREATE INDEX IF NOT EXISTS audit_events_by_principal ON audit_events (principal, sequence);
-CREATE TABLE IF NOT EXISTS audit_chains (
-    chain TEXT PRIMARY KEY,
-    writer TEXT NOT NULL,
-    time TEXT NOT NULL,
-    jws TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_checkpoints (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    chain TEXT NOT NULL,
-    chain_sequence INTEGER NOT NULL,
-    head TEXT NOT NULL,
-    time TEXT NOT NULL,
-    closed INTEGER NOT NULL,
-    jws TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_checkpoints_by_chain ON audit_checkpoints (chain, chain_sequence);
-"""
-
-_COLUMNS = (
-    "sequence", "chain", "chain_sequence", "time", "principal", "operation", "key_id",
-    "key_version", "token_id", "context", "justification", "outcome", "reason", "request_id",
-    "prev_hash", "hash",
-)  # fmt: skip
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM audit_events"  # noqa: S608 - constant
-_INSERT = (
-    f"INSERT INTO audit_events ({', '.join(_COLUMNS[1:])}) "  # noqa: S608 - constant
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})"
-)
-_UNAVAILABLE = "the audit log cannot be written; the call was refused (fail closed)"
 
 
 def connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -99,9 +65,10 @@ def reading(db: sqlite3.Connection) -> sqlite3.Connection:
     return db
 
 
-def create_audit_tables(db: sqlite3.Connection) -> None:
-    """Creates the audit tables; an audit table of the format before chains and checkpoints
-    is kept, renamed `audit_events_v0` (its events cannot be verified under the new rule)."""
+def set_aside_legacy_audit_table(db: sqlite3.Connection) -> None:
+    """Renames an audit table of the format before chains and checkpoints to
+    `audit_events_v0` (its events cannot be verified under the new rule), so that the
+    migrations create the table anew. Runs inside the migration transaction."""
     columns = [row[1] for row in db.execute("PRAGMA table_info(audit_events)")]
     if columns and "chain" not in columns:
         db.execute("ALTER TABLE audit_events RENAME TO audit_events_v0")
@@ -109,61 +76,6 @@ def create_audit_tables(db: sqlite3.Connection) -> None:
             "the audit table had the format before chains and signed checkpoints: kept as "
             "audit_events_v0, not verified; the trail starts anew"
         )
-    db.executescript(AUDIT_SCHEMA)
-
-
-def event_params(e: AuditEvent) -> tuple[Any, ...]:
-    """The column values of an event (without `sequence`, which the store assigns)."""
-    context = json.dumps(dict(e.context), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return (
-        e.chain, e.chain_sequence, evidence.format_time(e.time), e.principal, e.operation,
-        e.key_id, e.key_version, e.token_id, context, e.justification, e.outcome.value,
-        e.reason, e.request_id, e.prev_hash, e.hash,
-    )  # fmt: skip
-
-
-def row_record(row: Sequence[Any]) -> Record:
-    """An event row as its record (evidence form), as stored: nothing is repaired. A context
-    that is not valid JSON stays the stored string, which the verifier reports."""
-    record: Record = dict(zip(_COLUMNS, row, strict=True))
-    record["type"] = "event"
-    text = record["context"]
-    if isinstance(text, str):
-        with suppress(ValueError):  # left as stored: the verifier names it malformed
-            record["context"] = json.loads(text)
-    return record
-
-
-def record_event(record: Record) -> AuditEvent:
-    """The event of a well-formed record (`evidence.event_problem(record)` is "")."""
-    return AuditEvent(
-        sequence=record["sequence"],
-        time=evidence.parse_time(record["time"]),
-        principal=record["principal"],
-        operation=record["operation"],
-        key_id=record["key_id"],
-        key_version=record["key_version"],
-        token_id=record["token_id"],
-        context=record["context"],
-        justification=record["justification"],
-        outcome=Outcome(record["outcome"]),
-        reason=record["reason"],
-        request_id=record["request_id"],
-        prev_hash=record["prev_hash"],
-        hash=record["hash"],
-        chain=record["chain"],
-        chain_sequence=record["chain_sequence"],
-    )
-
-
-def _checkpoint_record(row: Sequence[Any]) -> Record:
-    chain, chain_sequence, head, time, closed, jws = row
-    if closed in (0, 1) and not isinstance(closed, bool):
-        closed = bool(closed)
-    return {
-        "type": "checkpoint", "chain": chain, "chain_sequence": chain_sequence, "head": head,
-        "time": time, "closed": closed, "jws": jws,
-    }  # fmt: skip
 
 
 class SqliteSnapshot:
@@ -174,37 +86,24 @@ class SqliteSnapshot:
 
     def chains(self) -> list[Record]:
         rows = self._db.execute("SELECT chain, writer, time, jws FROM audit_chains ORDER BY rowid")
-        return [
-            {"type": "chain", "chain": c, "writer": w, "time": t, "jws": j} for c, w, t, j in rows
-        ]
+        return [chain_record(row) for row in rows]
 
     def checkpoints(self) -> list[Record]:
-        rows = self._db.execute(
-            "SELECT chain, chain_sequence, head, time, closed, jws FROM audit_checkpoints "
-            "ORDER BY id"
-        )
-        return [_checkpoint_record(row) for row in rows]
+        return [checkpoint_record(row) for row in self._db.execute(SELECT_CHECKPOINTS)]
 
     def events(self, after_sequence: int = 0) -> Iterator[Record]:
         try:
-            cursor = self._db.execute(
-                f"{_SELECT} WHERE sequence > ? ORDER BY sequence", (after_sequence,)
-            )
-            for row in cursor:
+            for row in self._db.execute(SELECT_EVENTS_AFTER, (after_sequence,)):
                 yield row_record(row)
         except sqlite3.Error as exc:
-            raise AuditUnavailable("the audit log cannot be read; retry later") from exc
+            raise AuditUnavailable(AUDIT_UNREADABLE) from exc
 
     def event_chains(self, after_sequence: int = 0) -> list[str]:
-        rows = self._db.execute(
-            "SELECT chain FROM audit_events WHERE sequence > ? GROUP BY chain "
-            "ORDER BY MIN(sequence)",
-            (after_sequence,),
-        )
+        rows = self._db.execute(SELECT_EVENT_CHAINS, (after_sequence,))
         return [str(r[0]) for r in rows]
 
     def last_sequence(self) -> int:
-        row = self._db.execute("SELECT MAX(sequence) FROM audit_events").fetchone()
+        row = self._db.execute(SELECT_LAST_SEQUENCE).fetchone()
         return int(row[0] or 0)
 
 
@@ -244,36 +143,22 @@ class SqliteAudit:
                 try:
                     sequences = []
                     for event in events:
-                        cur.execute(_INSERT, event_params(event))
+                        cur.execute(INSERT_EVENT, event_params(event))
                         sequences.append(int(cur.lastrowid or 0))
                     cur.execute("COMMIT")
                 except BaseException:
                     _rollback(cur)
                     raise
         except sqlite3.Error as exc:
-            log.error("audit append failed", extra={"error": type(exc).__name__})
-            raise AuditUnavailable(_UNAVAILABLE) from exc
+            log.error("audit append failed", extra={"error": sqlite_error(exc)})
+            raise AuditUnavailable(AUDIT_UNAVAILABLE) from exc
         return sequences
 
     def add_chain(self, record: Record) -> None:
-        self._side_write(
-            "INSERT INTO audit_chains (chain, writer, time, jws) VALUES (?, ?, ?, ?)",
-            (record["chain"], record["writer"], record["time"], record["jws"]),
-        )
+        self._side_write(INSERT_CHAIN, chain_params(record))
 
     def add_checkpoint(self, record: Record) -> None:
-        self._side_write(
-            "INSERT INTO audit_checkpoints (chain, chain_sequence, head, time, closed, jws) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                record["chain"],
-                record["chain_sequence"],
-                record["head"],
-                record["time"],
-                int(record["closed"]),
-                record["jws"],
-            ),
-        )
+        self._side_write(INSERT_CHECKPOINT, checkpoint_params(record))
 
     def _side_write(self, sql: str, params: tuple[Any, ...]) -> None:
         try:
@@ -287,7 +172,7 @@ class SqliteAudit:
                     _rollback(cur)
                     raise
         except sqlite3.Error as exc:
-            log.error("audit record write failed", extra={"error": type(exc).__name__})
+            log.error("audit record write failed", extra={"error": sqlite_error(exc)})
             raise AuditUnavailable("the audit log cannot be written; retry later") from exc
 
     @contextmanager
@@ -296,72 +181,42 @@ class SqliteAudit:
             db = reading(connect(self._audit_path, self._busy_ms))
             db.execute("BEGIN")
         except sqlite3.Error as exc:
-            raise AuditUnavailable("the audit log cannot be read; retry later") from exc
+            raise AuditUnavailable(AUDIT_UNREADABLE) from exc
         try:
             yield SqliteSnapshot(db)
         except sqlite3.Error as exc:
-            raise AuditUnavailable("the audit log cannot be read; retry later") from exc
+            raise AuditUnavailable(AUDIT_UNREADABLE) from exc
         finally:
             with suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             db.close()
 
     def events(self, flt: AuditFilter) -> Iterator[AuditEvent]:
-        where: list[str] = []
-        params: list[object] = []
-        for column, value in (
-            ("key_id", flt.key_id),
-            ("principal", flt.principal),
-            ("operation", flt.operation),
-        ):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        # Stored times have one fixed-width form, so text order is time order.
-        if flt.start_time is not None:
-            where.append("time >= ?")
-            params.append(evidence.format_time(flt.start_time))
-        if flt.end_time is not None:
-            where.append("time < ?")
-            params.append(evidence.format_time(flt.end_time))
-        for record in self._paged(where, params, flt.after_sequence, flt.limit):
-            problem = evidence.event_problem(record)
-            if problem:
-                # Listing goes on past a damaged row; VerifyAuditLog reports it.
-                log.warning(
-                    "damaged audit row skipped",
-                    extra={"sequence": record.get("sequence"), "problem": problem},
-                )
-                continue
-            yield record_event(record)
+        where, params = event_filter(flt)
+        sql = page_query(where)
 
-    def _paged(
-        self, where: list[str], params: list[object], after: int, limit: int
-    ) -> Iterator[Record]:
-        # Pages of PAGE rows by sequence, each read under the reader's lock; the generator
-        # yields without holding it, so a slow stream reader never blocks anyone, and memory
-        # stays bounded however long the trail is.
-        conditions = " AND ".join(["sequence > ?", *where])
-        sql = f"{_SELECT} WHERE {conditions} ORDER BY sequence LIMIT ?"
-        remaining = limit or None
-        while True:
-            size = min(PAGE, remaining) if remaining else PAGE
+        def fetch(after: int, size: int) -> list[Any]:
+            # Each page under the reader's lock; see `paged` for why it is not held longer.
             try:
                 with self._read_lock:
-                    rows = self._reader.execute(sql, [after, *params, size]).fetchall()
+                    return self._reader.execute(sql, [after, *params, size]).fetchall()
             except sqlite3.Error as exc:
                 log.error("audit read failed", extra={"error": type(exc).__name__})
-                raise AuditUnavailable("the audit log cannot be read; retry later") from exc
-            for row in rows:
-                yield row_record(row)
-            if remaining:
-                remaining -= len(rows)
-            if len(rows) < size or remaining == 0:
-                return
-            after = rows[-1][0]
+                raise AuditUnavailable(AUDIT_UNREADABLE) from exc
+
+        return listed_events(paged(fetch, flt.after_sequence, flt.limit))
+
+
+def sqlite_error(exc: BaseException) -> str:
+    """What failed, for the log: SQLite's code name (SQLITE_FULL, SQLITE_IOERR_FSYNC,
+    SQLITE_BUSY...), never the statement's parameters."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return str(name) if name else type(exc).__name__
 
 
 def _rollback(cur: sqlite3.Cursor) -> None:
+    if not cur.connection.in_transaction:
+        return  # SQLite already rolled back (a failed COMMIT on a full disk or an I/O error)
     try:
         cur.execute("ROLLBACK")
     except sqlite3.Error:

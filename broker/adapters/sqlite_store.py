@@ -22,7 +22,16 @@ from datetime import datetime
 from pathlib import Path
 
 from broker.adapters.codec import dt_to_str, key_from_json, key_to_json
-from broker.adapters.sqlite_audit import SqliteAudit, connect, create_audit_tables
+from broker.adapters.migrations import SQLITE, migrate
+from broker.adapters.sql_common import REVOKED_AND_KEY
+from broker.adapters.sqlite_approvals import SqliteApprovals
+from broker.adapters.sqlite_audit import (
+    SqliteAudit,
+    connect,
+    set_aside_legacy_audit_table,
+    sqlite_error,
+)
+from broker.adapters.sqlite_file import check_file
 from broker.domain import Key
 from broker.errors import (
     AlreadyExists,
@@ -37,41 +46,9 @@ log = logging.getLogger(__name__)
 MAX_CACHED_KEYS = 10_000
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    key_id TEXT PRIMARY KEY,
-    revision INTEGER NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS issued_tokens (
-    token_id TEXT PRIMARY KEY,
-    subject TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    expires_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS token_uses (
-    token_id TEXT PRIMARY KEY,
-    uses BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revocations (
-    token_id TEXT PRIMARY KEY,
-    subject TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    revoked_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS signing_keys (
-    kid TEXT PRIMARY KEY,
-    purpose TEXT NOT NULL,
-    hsm TEXT NOT NULL,
-    label TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-"""
-
-
-class SqliteStore(SqliteAudit):
-    """KeyStore, RevocationStore, AuditStore (see `SqliteAudit`) and SigningKeyStore on one
-    SQLite file."""
+class SqliteStore(SqliteAudit, SqliteApprovals):
+    """KeyStore, RevocationStore, AuditStore (see `SqliteAudit`), ApprovalStore (see
+    `SqliteApprovals`) and SigningKeyStore on one SQLite file."""
 
     def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
         self._path = path
@@ -81,9 +58,15 @@ class SqliteStore(SqliteAudit):
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._keys: dict[str, tuple[int, str, Key]] = {}
-        self._db = connect(path, busy_timeout_ms)
-        self._db.executescript(SCHEMA)
-        create_audit_tables(self._db)
+        check_file(path)  # a cut-short or appended-to file is refused, never repaired
+        try:
+            self._db = connect(path, busy_timeout_ms)
+            migrate(self._db, SQLITE, before=set_aside_legacy_audit_table)  # migrations/sqlite
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(
+                f"the database {path} cannot be used ({sqlite_error(exc)}: {exc}); it was "
+                "left as it is"
+            ) from exc
         path.chmod(0o600)
         super().__init__(path, busy_timeout_ms)
 
@@ -95,6 +78,28 @@ class SqliteStore(SqliteAudit):
             reader.close()
         with self._lock:
             self._db.close()
+
+    def check(self) -> None:
+        """Liveness probe for health: opens the database file afresh and reads its schema.
+
+        A fresh connection, not an open one: an open connection keeps working on a file that
+        was moved, deleted or made unreadable, while each new thread's read connection would
+        fail. `mode=rw` never creates a missing file.
+
+        Raises:
+            StoreUnavailable: the database cannot be opened or read.
+        """
+        uri = f"{self._path.absolute().as_uri()}?mode=rw"
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=self._busy_timeout_ms / 1000)
+            try:
+                db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"the metadata store cannot be read ({type(exc).__name__}); retry later"
+            ) from exc
 
     def _read(self) -> sqlite3.Connection:
         """This thread's read connection (opened on first use)."""
@@ -129,10 +134,11 @@ class SqliteStore(SqliteAudit):
             try:
                 yield cur
             except BaseException:
-                try:
-                    cur.execute("ROLLBACK")
-                except sqlite3.Error:
-                    log.warning("rollback failed", exc_info=True)
+                if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                    try:
+                        cur.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.warning("rollback failed", exc_info=True)
                 raise
             else:
                 cur.execute("COMMIT")
@@ -142,7 +148,7 @@ class SqliteStore(SqliteAudit):
         try:
             yield
         except sqlite3.Error as exc:
-            log.error("metadata store error", extra={"error": type(exc).__name__})
+            log.error("metadata store error", extra={"error": sqlite_error(exc)})
             raise StoreUnavailable("the metadata store is unavailable; retry later") from exc
 
     # KeyStore ------------------------------------------------------------------------------
@@ -231,6 +237,12 @@ class SqliteStore(SqliteAudit):
                 .fetchone()
             )
         return row is not None
+
+    def revoked_and_key(self, token_id: str, key_id: str) -> tuple[bool, Key | None]:
+        with self._store_errors():
+            row = self._read().execute(REVOKED_AND_KEY, (token_id, key_id)).fetchone()
+        key = None if row[1] is None else self._parsed(key_id, row[1], row[2])
+        return bool(row[0]), key
 
     def consume_use(self, token_id: str, max_uses: int) -> bool:
         with self._store_errors(), self._tx(immediate=True) as cur:

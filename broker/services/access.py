@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from broker.domain import Caller, Grant, Key, KeyState, Operation, Role
 from broker.errors import (
     FailedPrecondition,
+    KeybrokerError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
-from broker.ports import Hsm
+from broker.ports import Hsm, HsmInfo
 
 
 class Access:
@@ -43,27 +44,85 @@ class Access:
                 f"principal {caller.principal!r} needs the admin or auditor role"
             )
 
+    def may_read_keys(self, principal: str) -> bool:
+        """Admins and auditors, who may read any key's metadata (GetKey, ListKeys)."""
+        return bool(self._roles.get(principal, frozenset()) & {Role.ADMIN, Role.AUDITOR})
+
+    def granted_key(
+        self,
+        get_key: Callable[[str], Key],
+        principal: str,
+        key_id: str,
+        operation: Operation,
+    ) -> Key:
+        """The key `key_id`, read for a caller whose `operation` grant on it is checked next
+        (`matching_grants`), before anything about the key's state is.
+
+        Raises:
+            NotFound: there is no such key and the caller may read keys (admin, auditor).
+            PermissionDenied: there is no such key and the caller may not: it is answered
+                as an existing key without its grant would be, so that no service learns
+                which key ids exist (see `unknown_key`).
+        """
+        try:
+            return get_key(key_id)
+        except NotFound:
+            raise self.unknown_key(principal, key_id, operation) from None
+
+    def unknown_key(self, principal: str, key_id: str, operation: Operation) -> KeybrokerError:
+        """What a caller about to use `key_id` for `operation` is told when there is no such
+        key: NOT_FOUND for admins and auditors, who may list the keys anyway; for anyone
+        else the very refusal of an existing key they hold no grant on (same code, same
+        message), while the audit trail records the truth for the auditors."""
+        if self.may_read_keys(principal):
+            return NotFound(f"key {key_id!r} not found")
+        return no_grant(principal, operation, key_id, missing=True)
+
     @staticmethod
     def matching_grants(
-        key: Key, principal: str, operation: Operation, context: Mapping[str, str]
+        key: Key,
+        principal: str,
+        operation: Operation,
+        context: Mapping[str, str],
+        *,
+        country: str | None,
     ) -> list[Grant]:
-        """The principal's grants for `operation` on `key` whose context `context` satisfies.
+        """The principal's grants for `operation` on `key` whose context `context` satisfies
+        and whose countries admit the caller's certificate.
+
+        Args:
+            key: the key.
+            principal: who the grants must name.
+            operation: what they must allow.
+            context: the request's (or token's) context.
+            country: the caller certificate's country ("" when it names none); None only
+                where the certificate is not at hand (an admin issuing a token for another
+                principal): the countries are then checked when the token is used.
 
         Raises:
             PermissionDenied: there is none.
         """
         grants = key.policy.grants_for(principal, operation)
         if not grants:
-            raise PermissionDenied(
-                f"principal {principal!r} has no {operation.value} grant on key {key.key_id!r}"
-            )
+            raise no_grant(principal, operation, key.key_id)
         fitting = [g for g in grants if g.context_allows(context)]
         if not fitting:
             raise PermissionDenied(
                 f"the context does not satisfy principal {principal!r}'s "
                 f"{operation.value} grant on key {key.key_id!r}"
             )
-        return fitting
+        if country is None:
+            return fitting
+        placed = [g for g in fitting if g.country_allows(country)]
+        if not placed:
+            wanted = list(dict.fromkeys(c for g in fitting for c in g.countries))
+            have = f"names country {country!r}" if country else "names no country (C=)"
+            raise PermissionDenied(
+                f"principal {principal!r}'s {operation.value} grant on key {key.key_id!r} "
+                f"requires a client certificate from {', '.join(wanted)}; this certificate "
+                f"{have}"
+            )
+        return placed
 
     def hsm_for(self, key: Key) -> Hsm:
         """The HSM holding `key`, after checking that the key's policy allows its jurisdiction.
@@ -77,6 +136,12 @@ class Access:
             raise Unavailable(f"HSM {key.hsm!r} holding key {key.key_id!r} is not configured here")
         self.require_jurisdiction(key.policy.jurisdictions(), hsm, key.key_id)
         return hsm
+
+    def hsm_info(self, name: str) -> HsmInfo | None:
+        """Where the HSM `name` stands (name, jurisdiction, operator); None when it is not
+        configured on this broker."""
+        hsm = self._hsms.get(name)
+        return hsm.info if hsm is not None else None
 
     def hsm_named(self, name: str) -> Hsm:
         hsm = self._hsms.get(name)
@@ -108,8 +173,10 @@ class Access:
             raise NotFound(f"key {key.key_id!r} has no version {version}")
         if version < key.min_decryption_version:
             raise FailedPrecondition(
-                f"version {version} of key {key.key_id!r} is below the minimum decryption "
-                f"version {key.min_decryption_version}; re-wrap older data"
+                f"version {version} of key {key.key_id!r} is retired: it is below the key's "
+                f"min_decryption_version {key.min_decryption_version}, so its blobs neither "
+                "decrypt nor re-wrap; an admin may lower the minimum again with "
+                "KeyAdmin.SetMinDecryptionVersion"
             )
         return self.hsm_for(key), found.hsm_label
 
@@ -121,7 +188,28 @@ class Access:
         message = f"key {key.key_id!r} is {key.state.value.replace('_', ' ')}"
         if key.state is KeyState.DISABLED:
             message += "; an admin must enable it first"
+        elif key.state is KeyState.DESTROYED:
+            message += ": its HSM objects no longer exist, so nothing under it can be decrypted"
         raise FailedPrecondition(message)
+
+
+def no_grant(
+    principal: str, operation: Operation, key_id: str, *, missing: bool = False
+) -> PermissionDenied:
+    """The refusal of a caller without an `operation` grant on `key_id`; the same words
+    whether or not the key exists (`missing`), which only its audit reason tells.
+
+    The message says both causes, so a caller who mistyped a key id knows to check it.
+    """
+    told = (
+        f"principal {principal!r} has no {operation.value} grant on key {key_id!r} "
+        "(or there is no such key); ask an admin to check the key id and the key's policy"
+    )
+    if missing:
+        truth = f"no key {key_id!r} exists (the caller was answered as having no grant on it)"
+    else:
+        truth = f"principal {principal!r} has no {operation.value} grant on key {key_id!r}"
+    return PermissionDenied(told, audit_reason=truth)
 
 
 class RateLimiter:

@@ -20,12 +20,13 @@ from broker.domain import (
     Outcome,
     validate_context,
 )
-from broker.errors import InvalidArgument, KeybrokerError, Unavailable
+from broker.errors import DeadlineExceeded, InvalidArgument, KeybrokerError, Unavailable
 from broker.ports import AuditStore, Clock, Hsm
+from broker.services import deadline
 from broker.services.access import Access, RateLimiter
 from broker.services.audit_checkpoints import AuditSigner, Checkpointer, CheckpointPolicy
 from broker.services.audit_trail import TrailChecker
-from broker.services.audit_writer import AfterCommit, AuditWriter
+from broker.services.audit_writer import AfterCommit, AuditWriter, current_waits
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ class AuditDraft:
         return self._checked or {}
 
 
+def failure_outcome(exc: KeybrokerError) -> Outcome:
+    """The outcome of a call that `exc` stopped: ERROR when the broker could not finish it (a
+    dependency unavailable, the caller's deadline passed), DENIED when the call was refused."""
+    return Outcome.ERROR if isinstance(exc, Unavailable | DeadlineExceeded) else Outcome.DENIED
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     """How the trail is kept (settings `broker_id`, `audit.checkpoint_events`, `_seconds`).
@@ -88,6 +95,13 @@ class AuditSettings:
     broker_id: str = "keybroker-local"
     checkpoint_events: int = 1000
     checkpoint_seconds: float = 2.0
+
+
+def _text(value: str, limit: int | None = None) -> str:
+    """`value` as the trail keeps it: at most `limit` characters, and a NUL character (which a
+    PostgreSQL text column cannot hold, so one refused request's NUL would fail the whole
+    group-commit batch of other calls) as U+FFFD."""
+    return value[:limit].replace("\x00", "\ufffd")
 
 
 def new_chain_id(broker_id: str) -> str:
@@ -157,12 +171,17 @@ class AuditLog:
     ) -> Iterator[AuditDraft]:
         """Audits the block as one call.
 
-        An unauthenticated caller is refused (and audited) before the block runs.
+        An unauthenticated caller is refused (and audited) before the block runs, and so is
+        a call whose caller's deadline has already passed (`deadline`: DeadlineExceeded).
         The block fills in the draft as it learns the key, version, token and context. On
         success the event is ALLOWED, on a domain error DENIED (ERROR for an unavailable
-        dependency or an unexpected exception), with the error's message as the reason.
+        dependency, a passed deadline or an unexpected exception), with the error's
+        `audit_reason` (its message, or more than the caller may learn) as the reason.
         The event is durable when the block's caller continues; if it cannot be written,
         `AuditUnavailable` replaces whatever the block produced, so nothing leaves unaudited.
+        Inside `audit_writer.deferring` the scope does not wait: the event is counted in the
+        call's `AuditWaits`, and the transport holds the response (or the error) until it is
+        durable, and answers `AuditUnavailable` instead when it is not.
         With `record_success` false the block records its own events when it succeeds (a
         batch: one event per item); a refusal of the whole call is still recorded here.
         """
@@ -176,48 +195,61 @@ class AuditLog:
         )
         try:
             caller.require_authenticated()
+            deadline.check(deadline.NOT_STARTED)
             yield draft
         except KeybrokerError as exc:
-            outcome = Outcome.ERROR if isinstance(exc, Unavailable) else Outcome.DENIED
-            self.record(draft, outcome, exc.message)
+            self._append([self._event(draft, failure_outcome(exc), exc.audit_reason)])
             raise
         except Exception:
-            self.record(draft, Outcome.ERROR, "internal error")
+            self._append([self._event(draft, Outcome.ERROR, "internal error")])
             raise
         if record_success:
-            self.record(draft, Outcome.ALLOWED, "")
+            self._append([self._event(draft, Outcome.ALLOWED, "")])
 
     def record(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
-        """Appends one event; raises AuditUnavailable when it cannot be made durable."""
+        """Appends one event and waits until it is durable, whoever calls (the stored event
+        is returned, so no deferral applies).
+
+        Raises:
+            AuditUnavailable: it cannot be made durable.
+        """
         return self.writer.append(self._event(draft, outcome, reason))
 
     def record_many(self, outcomes: Sequence[tuple[AuditDraft, Outcome, str]]) -> None:
         """Appends one event per (draft, outcome, reason), all durable on return (one commit
-        for the lot when they fit one batch).
+        for the lot when they fit one batch); inside `audit_writer.deferring`, durable before
+        the call's response instead.
 
         Raises:
             AuditUnavailable: they could not all be made durable.
         """
-        self.writer.append_many(
-            [self._event(d, outcome, reason) for d, outcome, reason in outcomes]
-        )
+        self._append([self._event(d, outcome, reason) for d, outcome, reason in outcomes])
+
+    def _append(self, events: list[AuditEvent]) -> None:
+        """Appends a call's events: waits until durable, or, inside `deferring`, hands them
+        over and leaves the wait to the caller of the call (who answers nothing before)."""
+        waits = current_waits()
+        if waits is None:
+            self.writer.append_many(events)
+        else:
+            self.writer.submit(events, waits)
 
     def _event(self, draft: AuditDraft, outcome: Outcome, reason: str) -> AuditEvent:
         # Fields come from the request and may be invalid or huge when the call is refused:
-        # keep the record bounded, and an invalid context out of it.
+        # keep the record bounded, its text storable, and an invalid context out of it.
         return AuditEvent(
             sequence=0,
             time=self._clock.now(),
-            principal=draft.caller.principal,
+            principal=_text(draft.caller.principal),
             operation=draft.operation.value,
-            key_id=draft.key_id[:MAX_ID],
+            key_id=_text(draft.key_id, MAX_ID),
             key_version=draft.key_version,
-            token_id=draft.token_id[:MAX_ID],
+            token_id=_text(draft.token_id, MAX_ID),
             context=draft.recorded_context(),
-            justification=draft.justification[:MAX_JUSTIFICATION],
+            justification=_text(draft.justification, MAX_JUSTIFICATION),
             outcome=outcome,
-            reason=reason[:MAX_REASON],
-            request_id=draft.caller.request_id,
+            reason=_text(reason, MAX_REASON),
+            request_id=_text(draft.caller.request_id),
             prev_hash="",
             hash="",
         )

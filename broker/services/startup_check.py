@@ -10,13 +10,39 @@ broker knows and refuses to start on the first that falls short.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
+from broker.domain import KeyState
 from broker.errors import HsmObjectMissing
 from broker.ports import Hsm, KeyKind, KeyStore
 from broker.services.signing import SigningKeys
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Pauses before looking again for an HSM object that seemed missing at start (seconds).
+#: SoftHSM2's file backend can miss an object for a moment while another process (a sibling
+#: worker writing its audit anchor, say) rewrites the token's files; a real HSM answers at once.
+SETTLE_DELAYS = (0.2, 0.5, 1.0)
+
+
+def settled(look: Callable[[], _T]) -> _T:
+    """`look()`, asked again after short pauses while it raises `HsmObjectMissing`.
+
+    A missing object still stops the start, a second or two later: it is never re-created.
+    """
+    for delay in (*SETTLE_DELAYS, None):
+        try:
+            return look()
+        except HsmObjectMissing as exc:
+            if delay is None:
+                raise
+            log.warning("HSM object not found at start (%s); looking again", exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class WeakKeyError(RuntimeError):
@@ -36,6 +62,9 @@ def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKe
         if not page:
             break
         for key in page:
+            if key.state is KeyState.DESTROYED or key.destruction_started():
+                # Crypto-shredded, or being so: its objects are meant to be gone.
+                continue
             hsm = hsms.get(key.hsm)
             if hsm is None:
                 log.warning(
@@ -54,7 +83,7 @@ def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKe
 
 def _check(hsm: Hsm, label: str, kind: KeyKind, what: str) -> None:
     try:
-        properties = hsm.key_properties(label, kind)
+        properties = settled(lambda: hsm.key_properties(label, kind))
     except HsmObjectMissing as exc:
         raise WeakKeyError(
             f"{what}: HSM object {label!r} is missing from HSM {hsm.info.name!r}"

@@ -91,6 +91,17 @@ def token_kid(token: str) -> str:
     return kid
 
 
+def peek_max_uses(token: str) -> int:
+    """The use limit a token's payload states, read without any check (signature, shape):
+    only a hint where a call should run. -1 when the payload cannot be read that far."""
+    try:
+        body = json.loads(_b64decode(token.split(".")[1]))
+        value = body["scope"]["max_uses"]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return -1
+    return value if isinstance(value, int) else -1
+
+
 def decode_claims(payload: dict[str, Any], max_uses: int) -> TokenClaims:
     """The claims of a verified payload, every member of the expected type.
 

@@ -6,9 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from keybroker.v1 import key_admin_pb2
 from keybroker.v1 import resources_pb2 as pb
 
 from broker.domain import (
+    ApprovalOperation,
+    ApprovalRequest,
+    ApprovalState,
     AuditEvent,
     Grant,
     Key,
@@ -16,8 +20,10 @@ from broker.domain import (
     KeyState,
     Operation,
     Outcome,
+    VersionUsage,
 )
 from broker.errors import InvalidArgument
+from broker.ports import HsmInfo
 
 _OPS = {
     pb.OPERATION_ENCRYPT: Operation.ENCRYPT,
@@ -35,6 +41,21 @@ _OUTCOMES = {
     Outcome.ALLOWED: pb.OUTCOME_ALLOWED,
     Outcome.DENIED: pb.OUTCOME_DENIED,
     Outcome.ERROR: pb.OUTCOME_ERROR,
+}
+_APPROVAL_STATES = {
+    ApprovalState.PENDING: key_admin_pb2.APPROVAL_STATE_PENDING,
+    ApprovalState.APPLIED: key_admin_pb2.APPROVAL_STATE_APPLIED,
+    ApprovalState.FAILED: key_admin_pb2.APPROVAL_STATE_FAILED,
+    ApprovalState.EXPIRED: key_admin_pb2.APPROVAL_STATE_EXPIRED,
+    ApprovalState.CANCELLED: key_admin_pb2.APPROVAL_STATE_CANCELLED,
+}
+_APPROVAL_STATES_BACK = {v: k for k, v in _APPROVAL_STATES.items()}
+_APPROVAL_OPERATIONS = {
+    ApprovalOperation.UPDATE_KEY_POLICY: key_admin_pb2.APPROVAL_OPERATION_UPDATE_KEY_POLICY,
+    ApprovalOperation.ENABLE_KEY: key_admin_pb2.APPROVAL_OPERATION_ENABLE_KEY,
+    ApprovalOperation.SCHEDULE_KEY_DESTRUCTION: (
+        key_admin_pb2.APPROVAL_OPERATION_SCHEDULE_KEY_DESTRUCTION
+    ),
 }
 
 
@@ -93,6 +114,7 @@ def policy_from_pb(msg: pb.KeyPolicy) -> KeyPolicy:
                 operations=frozenset(ops),
                 context=dict(g.context),
                 max_token_ttl=from_dur(g, "max_token_ttl"),
+                countries=tuple(g.countries),
             )
         )
     return KeyPolicy(tuple(grants), tuple(msg.allowed_jurisdictions))
@@ -106,6 +128,7 @@ def policy_to_pb(policy: KeyPolicy) -> pb.KeyPolicy:
                 operations=sorted(_OPS_BACK[op] for op in g.operations),
                 context=dict(g.context),
                 max_token_ttl=dur(g.max_token_ttl),
+                countries=list(g.countries),
             )
             for g in policy.grants
         ],
@@ -113,7 +136,14 @@ def policy_to_pb(policy: KeyPolicy) -> pb.KeyPolicy:
     )
 
 
-def key_to_pb(key: Key) -> pb.Key:
+def hsm_info_to_pb(info: HsmInfo | None) -> pb.HsmInfo | None:
+    if info is None:
+        return None
+    return pb.HsmInfo(name=info.name, jurisdiction=info.jurisdiction, operator=info.operator)
+
+
+def key_to_pb(key: Key, hsm_info: HsmInfo | None = None) -> pb.Key:
+    """The key's message; `hsm_info` is where its HSM stands (left unset when None)."""
     return pb.Key(
         key_id=key.key_id,
         description=key.description,
@@ -129,6 +159,20 @@ def key_to_pb(key: Key) -> pb.Key:
         rotation_period=dur(key.rotation_period),
         next_rotation_time=ts(key.next_rotation_time),
         destroy_time=ts(key.destroy_time),
+        hsm_info=hsm_info_to_pb(hsm_info),
+    )
+
+
+def usage_to_pb(u: VersionUsage) -> key_admin_pb2.KeyVersionUsage:
+    return key_admin_pb2.KeyVersionUsage(
+        version=u.version,
+        data_keys_issued=u.data_keys_issued,
+        encryptions=u.encryptions,
+        rewrapped=u.rewrapped,
+        decrypts=u.decrypts,
+        decrypts_refused=u.decrypts_refused,
+        last_decrypt_time=ts(u.last_decrypt_time),
+        last_use_time=ts(u.last_use_time),
     )
 
 
@@ -150,4 +194,37 @@ def event_to_pb(e: AuditEvent) -> pb.AuditEvent:
         hash=e.hash,
         chain=e.chain,
         chain_sequence=e.chain_sequence,
+    )
+
+
+def approval_state_from_pb(value: int) -> ApprovalState | None:
+    """A listing's state filter: None for APPROVAL_STATE_UNSPECIFIED (every state)."""
+    if value == key_admin_pb2.APPROVAL_STATE_UNSPECIFIED:
+        return None
+    if value not in _APPROVAL_STATES_BACK:
+        raise InvalidArgument("state must be an ApprovalState value")
+    return _APPROVAL_STATES_BACK[value]
+
+
+def approval_to_pb(r: ApprovalRequest) -> key_admin_pb2.ApprovalRequest:
+    return key_admin_pb2.ApprovalRequest(
+        request_id=r.request_id,
+        operation=_APPROVAL_OPERATIONS[r.operation],
+        key_id=r.key_id,
+        requester=r.requester,
+        create_time=ts(r.create_time),
+        expire_time=ts(r.expire_time),
+        state=_APPROVAL_STATES[r.state],
+        required_approvals=r.required,
+        approvals=[
+            key_admin_pb2.Approval(principal=a.principal, approve_time=ts(a.time))
+            for a in r.approvals
+        ],
+        policy=None if r.policy is None else policy_to_pb(r.policy),
+        pending_window=dur(r.pending_window),
+        widening=bool(r.widening),
+        widening_summary=list(r.widening),
+        reason=r.reason,
+        close_time=ts(r.close_time),
+        closed_by=r.closed_by,
     )

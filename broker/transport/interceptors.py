@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from broker.errors import KeybrokerError
+from broker.errors import InvalidArgument, KeybrokerError
 from broker.transport.auth import request_id_from, request_id_var
 from broker.transport.status import status_for
 
@@ -84,4 +84,27 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     _abort_for(exc, context, method)
 
             return handler._replace(unary_stream=stream, request_deserializer=None)  # type: ignore[attr-defined]
+        if handler.stream_stream is not None:
+            bidi_behavior = handler.stream_stream
+
+            def bidi(raw_requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+                request_id_var.set(request_id)
+                context.set_trailing_metadata((("x-request-id", request_id),))
+                requests = (decode_one(raw, context) for raw in raw_requests)
+                try:
+                    yield from bidi_behavior(requests, context)
+                except Exception as exc:  # noqa: BLE001 - the one place that maps all errors
+                    _abort_for(exc, context, method)
+
+            def decode_one(raw: bytes, context: grpc.ServicerContext) -> Any:
+                # Decoded while the handler runs: an error becomes a domain error that the
+                # handler's own mapping turns into INVALID_ARGUMENT.
+                try:
+                    return decode(raw) if decode else raw
+                except DecodeError:
+                    raise InvalidArgument(
+                        "a request message could not be decoded (malformed or invalid UTF-8)"
+                    ) from None
+
+            return handler._replace(stream_stream=bidi, request_deserializer=None)  # type: ignore[attr-defined]
         return handler

@@ -13,24 +13,29 @@ from keybroker.v1 import (
     crypto_pb2_grpc,
     key_admin_pb2,
     key_admin_pb2_grpc,
+    resources_pb2,
     tokens_pb2,
     tokens_pb2_grpc,
 )
 
-from broker.domain import AuditFilter
-from broker.errors import KeybrokerError, Unimplemented
+from broker.domain import AuditFilter, Key
+from broker.errors import KeybrokerError
+from broker.services.approvals import ApprovalService, Requested
 from broker.services.audit import AuditReader
-from broker.services.crypto import CryptoService, Opened
+from broker.services.crypto import CryptoService, Opened, ReWrapped
 from broker.services.keys import KeyService
 from broker.services.tokens import TokenService
 from broker.transport.auth import caller_of
 from broker.transport.convert import (
+    approval_state_from_pb,
+    approval_to_pb,
     event_to_pb,
     from_dur,
     from_ts,
     key_to_pb,
     policy_from_pb,
     ts,
+    usage_to_pb,
 )
 from broker.transport.status import status_for
 
@@ -38,8 +43,20 @@ Ctx = grpc.ServicerContext
 
 
 class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
-    def __init__(self, keys: KeyService) -> None:
+    def __init__(self, keys: KeyService, approvals: ApprovalService) -> None:
         self._keys = keys
+        self._approvals = approvals
+
+    def _requested(self, done: Requested) -> dict[str, object]:
+        """A gated change's response fields: the key, and the pending request if any."""
+        fields: dict[str, object] = {"key": self._key(done.key)}
+        if done.pending is not None:
+            fields["approval_request"] = approval_to_pb(done.pending)
+        return fields
+
+    def _key(self, key: Key) -> resources_pb2.Key:
+        """The key's message, with where its HSM stands (name, jurisdiction, operator)."""
+        return key_to_pb(key, self._keys.hsm_info(key.hsm))
 
     def CreateKey(self, request: key_admin_pb2.CreateKeyRequest, context: Ctx) -> object:
         caller = caller_of(context)
@@ -51,44 +68,105 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
             from_dur(request, "rotation_period"),
             request.hsm,
         )
-        return key_admin_pb2.CreateKeyResponse(key=key_to_pb(key))
+        return key_admin_pb2.CreateKeyResponse(key=self._key(key))
 
     def GetKey(self, request: key_admin_pb2.GetKeyRequest, context: Ctx) -> object:
         key = self._keys.get(caller_of(context), request.key_id)
-        return key_admin_pb2.GetKeyResponse(key=key_to_pb(key))
+        return key_admin_pb2.GetKeyResponse(key=self._key(key))
 
     def ListKeys(self, request: key_admin_pb2.ListKeysRequest, context: Ctx) -> object:
         keys, token = self._keys.list(caller_of(context), request.page_size, request.page_token)
         return key_admin_pb2.ListKeysResponse(
-            keys=[key_to_pb(k) for k in keys], next_page_token=token
+            keys=[self._key(k) for k in keys], next_page_token=token
         )
 
     def RotateKey(self, request: key_admin_pb2.RotateKeyRequest, context: Ctx) -> object:
         key = self._keys.rotate(caller_of(context), request.key_id)
-        return key_admin_pb2.RotateKeyResponse(key=key_to_pb(key))
+        return key_admin_pb2.RotateKeyResponse(key=self._key(key))
 
     def UpdateKeyPolicy(
         self, request: key_admin_pb2.UpdateKeyPolicyRequest, context: Ctx
     ) -> object:
         caller = caller_of(context)
-        key = self._keys.update_policy(caller, request.key_id, policy_from_pb(request.policy))
-        return key_admin_pb2.UpdateKeyPolicyResponse(key=key_to_pb(key))
+        policy = policy_from_pb(request.policy)
+        done = self._approvals.update_policy(caller, request.key_id, policy)
+        return key_admin_pb2.UpdateKeyPolicyResponse(**self._requested(done))
 
     def EnableKey(self, request: key_admin_pb2.EnableKeyRequest, context: Ctx) -> object:
-        key = self._keys.set_enabled(caller_of(context), request.key_id, True)
-        return key_admin_pb2.EnableKeyResponse(key=key_to_pb(key))
+        done = self._approvals.enable(caller_of(context), request.key_id)
+        return key_admin_pb2.EnableKeyResponse(**self._requested(done))
 
     def DisableKey(self, request: key_admin_pb2.DisableKeyRequest, context: Ctx) -> object:
         key = self._keys.set_enabled(caller_of(context), request.key_id, False)
-        return key_admin_pb2.DisableKeyResponse(key=key_to_pb(key))
+        return key_admin_pb2.DisableKeyResponse(key=self._key(key))
 
-    def ScheduleKeyDestruction(self, request: object, context: Ctx) -> object:
-        caller_of(context).require_authenticated()
-        raise Unimplemented("ScheduleKeyDestruction is not available in this version")
+    def ScheduleKeyDestruction(
+        self, request: key_admin_pb2.ScheduleKeyDestructionRequest, context: Ctx
+    ) -> object:
+        done = self._approvals.schedule_destruction(
+            caller_of(context), request.key_id, from_dur(request, "pending_window")
+        )
+        return key_admin_pb2.ScheduleKeyDestructionResponse(**self._requested(done))
 
-    def CancelKeyDestruction(self, request: object, context: Ctx) -> object:
-        caller_of(context).require_authenticated()
-        raise Unimplemented("CancelKeyDestruction is not available in this version")
+    def CancelKeyDestruction(
+        self, request: key_admin_pb2.CancelKeyDestructionRequest, context: Ctx
+    ) -> object:
+        key = self._keys.cancel_destruction(caller_of(context), request.key_id)
+        return key_admin_pb2.CancelKeyDestructionResponse(key=self._key(key))
+
+    def SetMinDecryptionVersion(
+        self, request: key_admin_pb2.SetMinDecryptionVersionRequest, context: Ctx
+    ) -> object:
+        key = self._keys.set_min_decryption_version(
+            caller_of(context), request.key_id, request.min_decryption_version
+        )
+        return key_admin_pb2.SetMinDecryptionVersionResponse(key=self._key(key))
+
+    def GetKeyUsage(self, request: key_admin_pb2.GetKeyUsageRequest, context: Ctx) -> object:
+        key, usage, events = self._keys.usage(caller_of(context), request.key_id)
+        return key_admin_pb2.GetKeyUsageResponse(
+            key=self._key(key), versions=[usage_to_pb(u) for u in usage], events_counted=events
+        )
+
+    def GetDestructionReceipt(
+        self, request: key_admin_pb2.GetDestructionReceiptRequest, context: Ctx
+    ) -> object:
+        key, receipt = self._keys.destruction_receipt(caller_of(context), request.key_id)
+        return key_admin_pb2.GetDestructionReceiptResponse(key=self._key(key), receipt_json=receipt)
+
+    def ApproveRequest(self, request: key_admin_pb2.ApproveRequestRequest, context: Ctx) -> object:
+        approval, key = self._approvals.approve(caller_of(context), request.request_id)
+        return key_admin_pb2.ApproveRequestResponse(
+            approval_request=approval_to_pb(approval), key=self._key(key)
+        )
+
+    def GetApprovalRequest(
+        self, request: key_admin_pb2.GetApprovalRequestRequest, context: Ctx
+    ) -> object:
+        approval = self._approvals.get(caller_of(context), request.request_id)
+        return key_admin_pb2.GetApprovalRequestResponse(approval_request=approval_to_pb(approval))
+
+    def ListApprovalRequests(
+        self, request: key_admin_pb2.ListApprovalRequestsRequest, context: Ctx
+    ) -> object:
+        found, token = self._approvals.list(
+            caller_of(context),
+            approval_state_from_pb(request.state),
+            request.key_id,
+            request.page_size,
+            request.page_token,
+        )
+        return key_admin_pb2.ListApprovalRequestsResponse(
+            approval_requests=[approval_to_pb(r) for r in found], next_page_token=token
+        )
+
+    def CancelApprovalRequest(
+        self, request: key_admin_pb2.CancelApprovalRequestRequest, context: Ctx
+    ) -> object:
+        approval = self._approvals.cancel(caller_of(context), request.request_id)
+        return key_admin_pb2.CancelApprovalRequestResponse(
+            approval_request=approval_to_pb(approval)
+        )
 
 
 class CryptoServicer(crypto_pb2_grpc.CryptoServicer):
@@ -148,6 +226,18 @@ class CryptoServicer(crypto_pb2_grpc.CryptoServicer):
         return crypto_pb2.ReWrapResponse(
             ciphertext=sealed.blob, key_id=sealed.key_id, key_version=sealed.key_version
         )
+
+    def ReWrapStream(
+        self, request_iterator: Iterator[crypto_pb2.ReWrapStreamRequest], context: Ctx
+    ) -> Iterator[object]:
+        """One batch at a time: each request message is answered before the next is taken."""
+        caller = caller_of(context)
+        for request in request_iterator:
+            if not context.is_active():
+                return
+            items = [(item.ciphertext, dict(item.context)) for item in request.items]
+            results = self._crypto.rewrap_many(caller, items)
+            yield crypto_pb2.ReWrapStreamResponse(results=[_rewrap_result(r) for r in results])
 
 
 class TokensServicer(tokens_pb2_grpc.TokensServicer):
@@ -237,4 +327,17 @@ def _batch_result(result: Opened | KeybrokerError) -> crypto_pb2.BatchDecryptRes
         )
     return crypto_pb2.BatchDecryptResult(
         plaintext=result.plaintext, key_id=result.key_id, key_version=result.key_version
+    )
+
+
+def _rewrap_result(result: ReWrapped | KeybrokerError) -> crypto_pb2.ReWrapResult:
+    """One item's outcome: its blob under the primary version, or the status code and message
+    a ReWrap of it alone would have answered."""
+    if isinstance(result, KeybrokerError):
+        return crypto_pb2.ReWrapResult(code=status_for(result).value[0], message=result.message)
+    return crypto_pb2.ReWrapResult(
+        ciphertext=result.blob,
+        key_id=result.key_id,
+        key_version=result.key_version,
+        already_current=result.already_current,
     )

@@ -16,6 +16,7 @@ STATUS_TABLE: tuple[tuple[type[errors.KeybrokerError], grpc.StatusCode], ...] = 
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.ConcurrentModification, grpc.StatusCode.ABORTED),
     # An HSM object the metadata names is gone: the HSM is not what it should be.

@@ -58,6 +58,22 @@ class FakeHsm:
         except InvalidTag:
             raise DecryptionFailed() from None
 
+    def reencrypt(
+        self,
+        label: str,
+        iv: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+        new_label: str,
+        new_iv: bytes,
+        new_aad: bytes,
+    ) -> bytes:
+        plaintext = self.decrypt(label, iv, ciphertext, aad)
+        return self.encrypt(new_label, new_iv, plaintext, new_aad)
+
+    def authenticate(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> None:
+        self.decrypt(label, iv, ciphertext, aad)
+
     def generate_signing_key(self, label: str) -> bytes:
         self._tick()
         self.signers[label] = ec.generate_private_key(ec.SECP256R1())
@@ -107,6 +123,10 @@ class FakeHsm:
     def read_anchors(self, prefix: str) -> dict[str, list[bytes]]:
         self._tick()
         return {k: list(v) for k, v in self.anchors.items() if k.startswith(prefix)}
+
+    def labels(self, prefix: str) -> list[str]:
+        self._tick()
+        return sorted(k for k in (*self.keks, *self.signers) if k.startswith(prefix))
 
     def check(self) -> None:
         self._tick()

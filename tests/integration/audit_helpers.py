@@ -1,18 +1,17 @@
 """Helpers of the audit-evidence tests: a broker with its own trail, and an insider's tools
-(SQL on keybroker.db, the public hash rule) to tamper with it."""
+(SQL on its database, SQLite or PostgreSQL, and the public hash rule) to tamper with it."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 from keybroker.v1 import audit_pb2, tokens_pb2
 from keybroker_client import evidence
 
-from broker.adapters.sqlite_audit import row_record
+from broker.adapters.sql_common import row_record
+from tests import store_fixtures
 from tests.broker_fixtures import Broker, start_broker
 from tests.integration.flows import create_key, datakey
 
@@ -64,22 +63,25 @@ def jwks(b: Broker) -> dict[str, Any]:
 
 
 def sql(db: Path, *statements: str, params: tuple[Any, ...] = ()) -> None:
-    """Runs statements as an insider with write access to the database file would."""
-    con = sqlite3.connect(db)
-    for statement in statements:
-        con.execute(statement, params) if params else con.execute(statement)
-    con.commit()
-    con.close()
+    """Runs statements (`?` markers) as an insider with write access to the database would."""
+    with store_fixtures.connect(db) as con:
+        for statement in statements:
+            con.execute(statement, params)
+
+
+def query(db: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The rows of one read (`?` markers)."""
+    with store_fixtures.connect(db) as con:
+        return con.execute(statement, params)
 
 
 def rows(db: Path, chain: str) -> list[dict[str, Any]]:
     """The chain's event records, in chain order."""
-    con = sqlite3.connect(db)
-    found = con.execute(
+    found = query(
+        db,
         f"SELECT {_COLUMNS} FROM audit_events WHERE chain = ? ORDER BY chain_sequence",
         (chain,),
-    ).fetchall()
-    con.close()
+    )
     return [row_record(r) for r in found]
 
 
@@ -87,7 +89,7 @@ def relink(db: Path, chain: str, records: list[dict[str, Any]]) -> None:
     """Rewrites the chain as `records` (in order), renumbering (sequence and chain_sequence)
     and recomputing every hash with the public rule: the insider's best forgery without the
     HSM. For a database holding that one chain."""
-    con = sqlite3.connect(db)
+    con = store_fixtures.connect(db)
     con.execute("DELETE FROM audit_events WHERE chain = ?", (chain,))
     prev = evidence.GENESIS_HASH
     first = records[0]["sequence"]
@@ -110,15 +112,10 @@ def relink(db: Path, chain: str, records: list[dict[str, Any]]) -> None:
 
 
 def copy_db(source: Path, target: Path) -> None:
-    """A consistent copy of a live database (the SQLite backup API, WAL included)."""
-    src, dst = sqlite3.connect(source), sqlite3.connect(target)
-    src.backup(dst)
-    src.close()
-    dst.close()
+    """A consistent copy of a live database (SQLite's backup API, WAL included; `pg_dump`)."""
+    store_fixtures.backup(source, target)
 
 
 def restore_db(backup: Path, db: Path) -> None:
     """Puts an older copy in place of a stopped broker's database."""
-    for suffix in ("-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    shutil.copyfile(backup, db)
+    store_fixtures.restore(backup, db)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -12,11 +11,11 @@ import grpc
 import pytest
 from keybroker.v1 import audit_pb2, crypto_pb2, key_admin_pb2
 
-from broker.adapters.sqlite_store import SqliteStore
 from broker.domain import AuditEvent, AuditFilter
 from broker.errors import AuditUnavailable
 from broker.ports import AuditSnapshot, Record
 from tests.broker_fixtures import Broker, start_broker
+from tests.integration.audit_helpers import sql
 from tests.integration.flows import (
     CTX,
     code_of,
@@ -27,13 +26,15 @@ from tests.integration.flows import (
     issue,
     rid,
 )
+from tests.store_fixtures import open_store
 
 
 class SwitchableAuditStore:
-    """The real SQLite audit tables whose appends fail while `failing` is set."""
+    """The real audit tables (SQLite, or PostgreSQL on a --store=postgres run) whose appends
+    fail while `failing` is set."""
 
     def __init__(self, path: Path) -> None:
-        self.inner = SqliteStore(path)
+        self.inner = open_store(path)
         self.failing = False
 
     def append_batch(self, events: Sequence[AuditEvent]) -> list[int]:
@@ -62,6 +63,7 @@ def own_broker(hsm_home: Path, tmp_path: Path) -> Iterator[tuple[Broker, Switcha
     b = start_broker(hsm_home, audit_store=audit, database=tmp_path / "meta.db")
     yield b, audit
     b.close()
+    audit.inner.close()
 
 
 def test_fail_closed_when_audit_cannot_be_written(own_broker) -> None:  # type: ignore[no-untyped-def]
@@ -192,10 +194,7 @@ def test_verify_detects_edits_and_deletions(own_broker, tamper: str, tmp_path: P
         datakey(b, key_id)
     ok = b.audit().VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())
     assert ok.ok and ok.events_checked >= 5 and ok.first_bad_sequence == 0
-    db = sqlite3.connect(tmp_path / "audit.db")
-    db.execute(tamper)
-    db.commit()
-    db.close()
+    sql(tmp_path / "audit.db", tamper)
     bad = b.audit().VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())
     assert not bad.ok
     assert bad.first_bad_sequence == 3
@@ -207,12 +206,12 @@ def test_reordering_is_detected(own_broker, tmp_path: Path) -> None:  # type: ig
     key_id = create_key(b)
     for _ in range(3):
         datakey(b, key_id)
-    db = sqlite3.connect(tmp_path / "audit.db")
-    db.execute("UPDATE audit_events SET sequence = -1 WHERE sequence = 2")
-    db.execute("UPDATE audit_events SET sequence = 2 WHERE sequence = 3")
-    db.execute("UPDATE audit_events SET sequence = 3 WHERE sequence = -1")
-    db.commit()
-    db.close()
+    sql(
+        tmp_path / "audit.db",
+        "UPDATE audit_events SET sequence = -1 WHERE sequence = 2",
+        "UPDATE audit_events SET sequence = 2 WHERE sequence = 3",
+        "UPDATE audit_events SET sequence = 3 WHERE sequence = -1",
+    )
     bad = b.audit().VerifyAuditLog(audit_pb2.VerifyAuditLogRequest())
     assert not bad.ok and bad.first_bad_sequence == 2
 

@@ -16,7 +16,6 @@ import PyKCS11
 from keybroker.v1 import audit_pb2
 from keybroker_client import evidence
 
-from broker.adapters.sqlite_store import SqliteStore
 from broker.domain import AuditEvent, AuditFilter
 from broker.ports import AuditSnapshot, Record
 from hsm_sim.faults import FailOnCall
@@ -24,6 +23,7 @@ from tests.broker_fixtures import Broker, start_broker
 from tests.hsm_fixtures import find_one, raw_session, read_attrs
 from tests.integration.audit_helpers import chain_of, checkpoint, fill, own_trail, verify
 from tests.integration.flows import create_key, datakey, events_for, rid
+from tests.store_fixtures import open_store
 
 
 def wait_until(condition: Callable[[], bool], what: str, limit: float = 30.0) -> None:
@@ -39,7 +39,7 @@ class GatedStore:
     fsync would), so that the calls arriving meanwhile queue up for one batch."""
 
     def __init__(self, path: Path) -> None:
-        self.inner = SqliteStore(path)
+        self.inner = open_store(path)
         self.armed = False
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -107,6 +107,7 @@ def test_concurrent_calls_share_batches_and_each_gets_its_event(
         assert report.ok and report.events_checked == 17, report.error
     finally:
         b.close()
+        store.inner.close()
 
 
 def test_many_concurrent_calls_all_land_in_one_verifying_chain(

@@ -141,15 +141,18 @@ def test_generated_requests_get_clear_status_codes(
     request = data.draw(message(request_cls.DESCRIPTOR, request_cls))
     path = f"/keybroker.v1.{service}/{name}"
     channel = broker.channel(identity)
-    streaming = name in ("ListAuditEvents", "ExportAuditLog")  # the server-streaming RPCs
+    bidi = name == "ReWrapStream"  # a stream of requests: this one, twice
+    streaming = bidi or name in ("ListAuditEvents", "ExportAuditLog")  # streamed answers
     make = channel.unary_stream if streaming else channel.unary_unary
+    if bidi:
+        make = channel.stream_stream
     call = make(
         path,
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=response_cls.FromString,
     )
     try:
-        result = call(request, timeout=20)
+        result = call(iter([request, request]) if bidi else request, timeout=20)
         if streaming:
             for _ in result:
                 pass

@@ -16,12 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keybroker.v1 import key_admin_pb2, key_admin_pb2_grpc
 
 from tests.integration.flows import standard_policy
+from tests.store_fixtures import server_env, using_postgres
 
 SERVER = [sys.executable, "-m", "broker"]
 
 
 def start(home: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     run_env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    run_env.update(server_env(home))  # PostgreSQL on a --store=postgres run
     run_env.update(env or {})
     return subprocess.Popen(
         [*SERVER, "--home", str(home), "--listen", "127.0.0.1:0", *extra],
@@ -76,7 +78,8 @@ def test_first_start_restart_and_graceful_stop(home: Path) -> None:
         for name in ("ca", "server", "admin", "auditor", "producer", "consumer"):
             assert (home / "pki" / f"{name}.pem").exists()
             assert (home / "pki" / f"{name}.key").stat().st_mode & 0o777 == 0o600
-        assert (home / "softhsm2.conf").exists() and (home / "keybroker.db").exists()
+        assert (home / "softhsm2.conf").exists()
+        assert (home / "keybroker.db").exists() != using_postgres()
         with channel(home, target) as ch:
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import PyKCS11
@@ -15,6 +14,7 @@ from broker.services.startup_check import WeakKeyError
 from tests.broker_fixtures import broker_settings, start_broker
 from tests.hsm_fixtures import plant_weak_key, raw_session
 from tests.integration.flows import create_key
+from tests.store_fixtures import connect
 
 
 def test_weak_kek_on_the_token_refuses_start(
@@ -39,14 +39,12 @@ def test_weak_kek_on_the_token_refuses_start(
                 (PyKCS11.CKA_DECRYPT, True),
             ],
         )
-    conn = sqlite3.connect(db)
-    (data,) = conn.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()
-    label = data.split('"label": "')[1].split('"')[0]
-    conn.execute(
-        "UPDATE keys SET data = ? WHERE key_id = ?", (data.replace(label, weak_label), key_id)
-    )
-    conn.commit()
-    conn.close()
+    with connect(db) as conn:  # SQLite or PostgreSQL: tests/store_fixtures.py
+        [(data,)] = conn.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,))
+        label = data.split('"label": "')[1].split('"')[0]
+        conn.execute(
+            "UPDATE keys SET data = ? WHERE key_id = ?", (data.replace(label, weak_label), key_id)
+        )
     with pytest.raises(WeakKeyError) as info:
         build_app(broker_settings(hsm_home, database=db))
     message = str(info.value)

@@ -186,8 +186,12 @@ def test_jurisdiction_is_permission_denied(broker: Broker) -> None:
 def test_unknown_key_and_version_are_not_found(broker: Broker) -> None:
     code, _ = code_of(lambda: broker.keys().GetKey(key_admin_pb2.GetKeyRequest(key_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = code_of(lambda: datakey(broker, "nope"))
+    # An admin learns that the key does not exist; a service without a grant learns only
+    # that it may not use it (tests/integration/test_existence_oracle.py).
+    code, _ = code_of(lambda: datakey(broker, "nope", identity="admin"))
     assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = code_of(lambda: datakey(broker, "nope"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
     from broker import blob as blobs
 
     key_id = create_key(broker)
@@ -222,16 +226,22 @@ def test_disabled_key_is_failed_precondition(broker: Broker) -> None:
     assert decrypt(broker, dk.wrapped_key, token).plaintext == dk.plaintext_key
 
 
-def test_unimplemented_destruction(broker: Broker) -> None:
-    key_id = create_key(broker)
-    code, _ = code_of(
-        lambda: broker.keys().ScheduleKeyDestruction(
+def test_destruction_status_codes(broker: Broker) -> None:
+    def schedule(key_id: str, seconds: int) -> object:
+        return broker.keys().ScheduleKeyDestruction(
             key_admin_pb2.ScheduleKeyDestructionRequest(
-                key_id=key_id, pending_window=Duration(seconds=86400)
+                key_id=key_id, pending_window=Duration(seconds=seconds)
             )
         )
-    )
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+    key_id = create_key(broker)
+    code, msg = code_of(lambda: schedule(key_id, 86400))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at least 7 days" in msg
+    code, _ = code_of(lambda: schedule(new_key_id("missing"), 8 * 86400))
+    assert code == grpc.StatusCode.NOT_FOUND
+    schedule(key_id, 8 * 86400)
+    code, _ = code_of(lambda: schedule(key_id, 8 * 86400))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_rate_limit_is_resource_exhausted(hsm_home, tmp_path) -> None:  # type: ignore[no-untyped-def]

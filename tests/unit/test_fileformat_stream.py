@@ -1,15 +1,20 @@
 """The file format as a stream: round trips around chunk boundaries, short reads and writes,
-and memory that stays flat however large the file (tracemalloc, not time)."""
+several chunks per read and write (no byte of the file changes, a write holds only
+authenticated chunks), and memory that stays flat however large the file (tracemalloc, not
+time)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import random
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from keybroker_client import fileformat as ff
@@ -99,6 +104,80 @@ def test_progress_reports_every_byte() -> None:
     assert sum(seen) == len(sealed.getvalue()) - len(header.raw)
 
 
+@contextlib.contextmanager
+def chunks_per_call(n: int) -> Iterator[None]:
+    """Reads and writes of ``n`` 4 KiB chunks, so that small files cross many batches."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ff, "IO_SIZE", n * 4096)
+        yield
+
+
+def sealed_with(data: bytes, header: ff.Header, per_call: int) -> bytes:
+    out = io.BytesIO()
+    with chunks_per_call(per_call):
+        FileCipher(KEY, header).encrypt(io.BytesIO(data), out)
+    return out.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=sizes_near_boundaries(4096),
+    per_call=st.integers(1, 4),
+    step=st.sampled_from([1 << 30, 1, 4095, 4113, 9000]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunks_per_call_change_no_byte_of_the_file(
+    size: int, per_call: int, step: int, seed: int
+) -> None:
+    data = random.Random(seed).randbytes(size)
+    header = ff.new_header(WRAPPED, {"dataset": "x"}, 4096)
+    one = sealed_with(data, header, 1)
+    assert sealed_with(data, header, per_call) == one
+    src, out = Dribble(one, step), io.BytesIO()
+    with chunks_per_call(per_call):
+        assert FileCipher(KEY, ff.read_header(src)).decrypt(src, out) == size
+    assert out.getvalue() == data
+
+
+class Writes:
+    """A writer that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: memoryview) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_a_write_holds_only_chunks_that_authenticated() -> None:
+    data = os.urandom(5 * 4096 + 100)
+    header = ff.new_header(WRAPPED, {}, 4096)
+    blob = bytearray(sealed_with(data, header, 1))
+    blob[len(header.raw) + 3 * 4112 + 7] ^= 1  # chunk 3, the second of the second read
+    src, out = io.BytesIO(bytes(blob)), Writes()
+    with chunks_per_call(2), pytest.raises(ff.InvalidFile, match="chunk 3"):
+        FileCipher(KEY, ff.read_header(src)).decrypt(src, out)
+    # Chunk 2 authenticated, but it shares its write with chunk 3: only chunks 0 and 1 went out.
+    assert out.writes == [data[: 2 * 4096]]
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 4])
+def test_a_file_cut_where_a_read_ends_is_refused(per_call: int) -> None:
+    data = os.urandom(4 * 4096)
+    header = ff.new_header(WRAPPED, {}, 4096)
+    blob = sealed_with(data, header, per_call)
+    body = len(header.raw) + 4 * 4112  # four full chunks; the empty final chunk cut off
+    for cut, match in ((body, r"truncated: it ends before its final chunk \(4\)"), (-1, "4")):
+        src = io.BytesIO(blob[:cut])
+        with chunks_per_call(per_call), pytest.raises(ff.InvalidFile, match=match):
+            FileCipher(KEY, ff.read_header(src)).decrypt(src, io.BytesIO())
+    for extra in (b"\0", blob[len(header.raw) : len(header.raw) + 4112]):
+        src = io.BytesIO(blob + extra)
+        with chunks_per_call(per_call), pytest.raises(ff.InvalidFile):
+            FileCipher(KEY, ff.read_header(src)).decrypt(src, io.BytesIO())
+
+
 STREAM_SIZE = 256 << 20
 
 
@@ -153,7 +232,9 @@ def test_memory_stays_flat_on_a_256_mib_stream(tmp_path: Path) -> None:
         sealed_path.stat().st_size
         == len(header.raw) + STREAM_SIZE + (STREAM_SIZE // chunk + 1) * 16
     )
-    assert peak < 4 * chunk, f"encrypting 256 MiB peaked at {peak} bytes"
+    # Two buffers of IO_SIZE (the chunks of one read, plaintext and sealed), whatever the size.
+    limit = 2 * ff.IO_SIZE + 4 * chunk
+    assert peak < limit, f"encrypting 256 MiB peaked at {peak} bytes"
 
     result = Digest()
     with open(sealed_path, "rb", buffering=0) as src:
@@ -164,4 +245,4 @@ def test_memory_stays_flat_on_a_256_mib_stream(tmp_path: Path) -> None:
         peak = peak_bytes(run)
     assert result.size == STREAM_SIZE
     assert result.digest.digest() == source.digest.digest()
-    assert peak < 4 * chunk, f"decrypting 256 MiB peaked at {peak} bytes"
+    assert peak < limit, f"decrypting 256 MiB peaked at {peak} bytes"

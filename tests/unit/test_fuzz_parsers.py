@@ -26,7 +26,7 @@ from broker import blob as blobs
 from broker.domain import canonical_context, validate_context
 from broker.errors import InvalidArgument
 from tests.fuzzing import fuzz_settings
-from tests.unit.test_evidence import T, LocalSigner, chain_of, checkpoint
+from tests.unit.test_evidence import LocalSigner, T, chain_of, checkpoint
 
 pytestmark = pytest.mark.fuzz
 

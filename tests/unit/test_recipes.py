@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from keybroker_client import DataKey, Decrypted, InvalidArgument, InvalidFile, IssuedToken
+from keybroker_client import (
+    DataKey,
+    Decrypted,
+    InvalidArgument,
+    InvalidFile,
+    IssuedToken,
+    fileformat,
+)
 from keybroker_client import recipes as recipes_module
 from keybroker_client._async_recipes import AsyncFileRecipes
 from keybroker_client.fileformat import FileCipher
@@ -184,6 +191,22 @@ def test_a_truncated_or_tampered_file_leaves_no_output(
     (tmp_path / "out.csv").write_bytes(b"older output")
     with pytest.raises(InvalidFile):
         fake.decrypt_file(tmp_path / "in.kbf", tmp_path / "out.csv", justification="j")
+    assert (tmp_path / "out.csv").read_bytes() == b"older output"
+
+
+def test_a_tampered_chunk_after_many_writes_leaves_no_output(
+    fake: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reads and writes of 2 chunks: chunks 0 to 9 are written to the temporary file before
+    # chunk 10 fails; neither they nor the temporary file may be left.
+    monkeypatch.setattr(fileformat, "IO_SIZE", 2 * 4096)
+    blob = bytearray(encrypted(fake, os.urandom(12 * 4096 + 5)))
+    blob[-(2 * 4112 + 21) + 100] ^= 0x80  # inside chunk 10 (of 13, the last one 21 bytes)
+    (tmp_path / "in.kbf").write_bytes(bytes(blob))
+    (tmp_path / "out.csv").write_bytes(b"older output")
+    with pytest.raises(InvalidFile, match="chunk 10 does not authenticate"):
+        fake.decrypt_file(tmp_path / "in.kbf", tmp_path / "out.csv", justification="j")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.kbf", "out.csv"]
     assert (tmp_path / "out.csv").read_bytes() == b"older output"
 
 

@@ -206,9 +206,9 @@ def test_audit_records_stay_bounded_for_refused_input(world: World) -> None:
 
 
 def test_audit_listing_pages_through_long_trails(world: World, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import broker.adapters.sqlite_audit as sqlite_audit
+    import broker.adapters.sql_common as sql_common
 
-    monkeypatch.setattr(sqlite_audit, "PAGE", 3)
+    monkeypatch.setattr(sql_common, "PAGE", 3)
     for _ in range(10):
         with pytest.raises(PermissionDenied):
             world.keys.create(PRODUCER, "k", "", POLICY, None, "")

@@ -309,7 +309,7 @@ def test_sinks_from_the_configuration_file(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ('[[audit.sinks]]\ntype = "jsonl"\npaht = "a"\n',
-         "unknown setting audit.sinks[0].paht; did you mean audit.sinks[0].path?"),
+         "unknown key 'audit.sinks[0].paht'; did you mean 'audit.sinks[0].path'?"),
         ('[[audit.sinks]]\npath = "a"\n', "audit.sinks[0].type is required"),
         ('[[audit.sinks]]\ntype = "kafka"\n',
          "audit.sinks[0]: type 'kafka': use one of jsonl, stdout, syslog"),

@@ -80,3 +80,27 @@ def test_keys_on_an_unconfigured_hsm_are_skipped(store: SqliteStore) -> None:
     hsm, other = FakeHsm(), FakeHsm("elsewhere")
     add_key(store, other, "a")
     assert check_templates(store, {"local": hsm}, SigningKeys(store, {"local": hsm})) == 0
+
+
+def test_an_object_missing_for_a_moment_is_looked_for_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.errors import HsmObjectMissing
+    from broker.services import startup_check
+
+    monkeypatch.setattr(startup_check, "SETTLE_DELAYS", (0.0, 0.0, 0.0))
+    answers: list[object] = [HsmObjectMissing("gone"), HsmObjectMissing("gone"), "found"]
+
+    def look() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert startup_check.settled(look) == "found"
+
+    def never() -> object:
+        raise HsmObjectMissing("gone for good")
+
+    with pytest.raises(HsmObjectMissing, match="for good"):
+        startup_check.settled(never)

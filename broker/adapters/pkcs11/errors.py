@@ -81,9 +81,11 @@ AUTH_FAILURES = frozenset(
         PyKCS11.CKR_PIN_LEN_RANGE,
         PyKCS11.CKR_PIN_EXPIRED,
         PyKCS11.CKR_PIN_LOCKED,
-        PyKCS11.CKR_USER_PIN_NOT_INITIALIZED,
     }
 )
+# Not CKR_USER_PIN_NOT_INITIALIZED: no PIN was tried against a PIN, so asking again guesses
+# nothing, and SoftHSM2 answers it for a moment while another process rewrites the token's
+# files (sibling workers starting together). It is an HsmUnavailable, retried at start.
 
 
 def classify(operation: str, code: int) -> Kind:

@@ -65,6 +65,25 @@ def vector_bytes(vector: Any) -> bytes:
     return bytes(vector)
 
 
+def wipe_vector(vector: Any) -> None:
+    """Overwrites a PyKCS11 `ckbytelist`'s whole storage (up to its capacity, which may hold
+    bytes of an earlier, longer content) with zeros, in place.
+
+    The one way to erase a secret that passed through PyKCS11: a `bytes` copy of it cannot be
+    erased, which is why secrets the broker must not keep stay in such vectors.
+    """
+    capacity = int(vector.capacity())
+    if capacity and _storage_layout_ok():
+        begin = ctypes.c_void_p.from_address(int(vector.this)).value
+        if begin:
+            # Assigned through a ctypes array rather than ctypes.memset, a foreign call that
+            # lets go of the GIL and may wait a whole switch interval to get it back.
+            (ctypes.c_char * capacity).from_address(begin).raw = bytes(capacity)
+            return
+    for index in range(vector.size()):
+        vector[index] = 0
+
+
 class Gate:
     """Runs `getattr(target, name)(*args)` for PyKCS11 objects (library, session, low level).
 

@@ -5,7 +5,7 @@ Only the exceptions of `broker.errors` leave `Pkcs11Hsm` (plus `RuntimeError` fo
 as a call from a forked child). Every PKCS#11 failure is logged with the CKR name as a
 structured field; never a PIN, a key or plaintext.
 
-Why this file is over 400 lines: it is the port's thirteen operations, one method each, with
+Why this file is over 400 lines: it is the port's fifteen operations, one method each, with
 the run/map machinery they share; the library, pool, gate, errors, templates and audit
 anchors are apart.
 """
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import PyKCS11
 
 from broker.adapters.pkcs11 import anchors
 from broker.adapters.pkcs11.errors import Kind, TokenLost, classify, domain_error, log_ckr
-from broker.adapters.pkcs11.gate import Gate
+from broker.adapters.pkcs11.gate import Gate, wipe_vector
+from broker.adapters.pkcs11.inplace import InPlace, new_buffer
 from broker.adapters.pkcs11.library import Pkcs11Library
 from broker.adapters.pkcs11.pool import Lease, SessionPool, object_handle
 from broker.adapters.pkcs11.templates import (
@@ -54,6 +56,19 @@ GCM_TAG_BYTES = 16
 MAX_LABEL_BYTES = 255
 #: Largest single C_GenerateRandom request.
 MAX_RANDOM_BYTES = 1 << 16
+#: Session-class codes that mean every session of the token is gone, not only this one.
+SESSIONS_GONE = frozenset(
+    {
+        PyKCS11.CKR_SESSION_HANDLE_INVALID,
+        PyKCS11.CKR_SESSION_CLOSED,
+        PyKCS11.CKR_USER_NOT_LOGGED_IN,
+    }
+)
+
+#: Told of every operation once it ends (the metrics): HSM name, operation, seconds (waiting
+#: for a session included), and whether it failed because the HSM failed or was unreachable.
+#: It must be cheap and never raise.
+OperationObserver = Callable[[str, str, float, bool], None]
 
 
 class Pkcs11Hsm:
@@ -76,6 +91,7 @@ class Pkcs11Hsm:
         info: name, jurisdiction and operator of this HSM.
         pool_size: most sessions open at once.
         lease_timeout: seconds to wait for a free session before `HsmUnavailable`.
+        observer: told of every operation (see `OperationObserver`); None for none.
 
     Attributes:
         info: as given.
@@ -93,8 +109,10 @@ class Pkcs11Hsm:
         pool_size: int = 4,
         *,
         lease_timeout: float = 5.0,
+        observer: OperationObserver | None = None,
     ) -> None:
         self.info = info
+        self._observer = observer
         self.gate = Gate(library.pid)
         self.pool = SessionPool(
             library, self.gate, token_label, pin, info.name, pool_size, lease_timeout
@@ -180,6 +198,67 @@ class Pkcs11Hsm:
             return bytes(lease.call("decrypt", key, ciphertext, mech))
 
         return self._run("decrypt", work)
+
+    def reencrypt(
+        self,
+        label: str,
+        iv: bytes,
+        ciphertext: bytes,
+        aad: bytes,
+        new_label: str,
+        new_iv: bytes,
+        new_aad: bytes,
+    ) -> bytes:
+        """`decrypt` under `label`, then `encrypt` under `new_label`; the plaintext lives only
+        in one PyKCS11 vector, wiped before returning (`inplace`).
+
+        Raises:
+            As `decrypt`, then as `encrypt`.
+        """
+        plaintext = self._open_in_place(label, iv, ciphertext, aad)
+        try:
+            if not plaintext.size():
+                return self.encrypt(new_label, new_iv, b"", new_aad)
+            _check_label(new_label)
+            _check_iv(new_iv)
+
+            def seal(lease: Lease) -> bytes:
+                key = lease.key(new_label, PyKCS11.CKO_SECRET_KEY)
+                mech = PyKCS11.AES_GCM_Mechanism(new_iv, new_aad, GCM_TAG_BYTES * 8)
+                return bytes(lease.call_with(InPlace, "encrypt", key, plaintext, mech))
+
+            return self._run("encrypt", seal)
+        finally:
+            wipe_vector(plaintext)
+
+    def authenticate(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> None:
+        """`decrypt` whose plaintext is wiped at once: only the tag check matters.
+
+        Raises:
+            As `decrypt`.
+        """
+        wipe_vector(self._open_in_place(label, iv, ciphertext, aad))
+
+    def _open_in_place(self, label: str, iv: bytes, ciphertext: bytes, aad: bytes) -> Any:
+        """The plaintext of `ciphertext` in a `ckbytelist` the caller must wipe (wiped here
+        when the decryption fails)."""
+        _check_label(label)
+        _check_iv(iv)
+        if len(ciphertext) < GCM_TAG_BYTES:
+            raise DecryptionFailed
+        plaintext = new_buffer()
+
+        def work(lease: Lease) -> None:
+            key = lease.key(label, PyKCS11.CKO_SECRET_KEY)
+            mech = PyKCS11.AES_GCM_Mechanism(iv, aad, GCM_TAG_BYTES * 8)
+            lease.call_with(InPlace, "decrypt", key, ciphertext, mech, plaintext)
+
+        try:
+            self._run("decrypt", work)
+        except BaseException:
+            wipe_vector(plaintext)
+            raise
+        return plaintext
 
     def generate_signing_key(self, label: str) -> bytes:
         """Generates an ECDSA P-256 key pair inside the token; returns the public point.
@@ -360,6 +439,34 @@ class Pkcs11Hsm:
         """
         return self._run("read_anchors", lambda lease: anchors.read(lease, prefix))
 
+    def labels(self, prefix: str) -> list[str]:
+        """The distinct labels starting with `prefix` of the token's key objects, sorted.
+
+        One search per key class, then one C_GetAttributeValue per object found: it reads
+        every key of the token, so it is for the start-up scan, not for a call's path.
+
+        Raises:
+            HsmUnavailable: the token failed.
+        """
+
+        def work(lease: Lease) -> list[str]:
+            found: set[str] = set()
+            for cls in (PyKCS11.CKO_SECRET_KEY, PyKCS11.CKO_PRIVATE_KEY, PyKCS11.CKO_PUBLIC_KEY):
+                for value in lease.find([(PyKCS11.CKA_CLASS, cls)]):
+                    (raw,) = lease.call(
+                        "getAttributeValue", object_handle(value), [PyKCS11.CKA_LABEL]
+                    )
+                    label = (
+                        raw if isinstance(raw, str) else bytes(raw or b"").decode(errors="replace")
+                    )
+                    if label.startswith(prefix):
+                        found.add(label)
+            if not found:
+                lease.probe_token()  # "no key" must not be a token that stopped answering
+            return sorted(found)
+
+        return self._run("labels", work)
+
     def check(self) -> None:
         """Cheap liveness probe (C_GetTokenInfo on a leased, logged-in session).
 
@@ -391,6 +498,20 @@ class Pkcs11Hsm:
             return self._run(operation, work)
 
     def _run(self, operation: str, work: Callable[[Lease], _T]) -> _T:
+        """`_attempt`, reported to the observer."""
+        if self._observer is None:
+            return self._attempt(operation, work)
+        started = time.perf_counter()
+        failed = False  # a bad tag or a missing object is the caller's doing, not the HSM's
+        try:
+            return self._attempt(operation, work)
+        except HsmUnavailable:
+            failed = True
+            raise
+        finally:
+            self._observer(self.info.name, operation, time.perf_counter() - started, failed)
+
+    def _attempt(self, operation: str, work: Callable[[Lease], _T]) -> _T:
         """Runs `work` on a leased session, mapping PKCS#11 errors through `ERROR_TABLE`.
 
         A stale object handle is re-found and the operation retried once.
@@ -439,6 +560,11 @@ class Pkcs11Hsm:
                 # A device-class error may have broken every session of the token: the idle
                 # ones go too, so that the next call really starts on a fresh session.
                 self.pool.mark_suspect()
+                self.pool.drop_idle()
+            elif code in SESSIONS_GONE:
+                # Not this session alone: C_CloseAllSessions or C_Logout through another
+                # handle of this process voids every session of the token. Without this, each
+                # idle session would fail one more call before the pool is fresh again.
                 self.pool.drop_idle()
         return domain_error(self.info.name, operation, kind, code)
 

@@ -112,6 +112,11 @@ class Lease:
         """`session.name(*args)` through the gate."""
         return self._gate.call(self._pooled.session, name, *args)
 
+    def call_with(self, wrap: Callable[[Any], Any], name: str, *args: Any) -> Any:
+        """`wrap(session).name(*args)` through the gate: for operations the adapter performs
+        with PyKCS11's low-level functions on this session (see `inplace.InPlace`)."""
+        return self._gate.call(wrap(self._pooled.session), name, *args)
+
     def discard(self) -> None:
         """Marks the session broken: it is closed, not pooled again, when the lease ends."""
         self._pooled.broken = True
@@ -168,6 +173,7 @@ class SessionPool:
 
     Attributes:
         cache: the object handles of this token.
+        size: most sessions open at once.
     """
 
     def __init__(
@@ -193,6 +199,9 @@ class SessionPool:
         self._lease_timeout = lease_timeout
         self._idle: queue.LifoQueue[PooledSession] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(size)
+        self.size = size
+        self._leased = 0
+        self._leased_lock = threading.Lock()
         self._suspect = False
         self._closed = False
         self._slot: tuple[int, int] | None = None  # (generation, slot id)
@@ -201,6 +210,15 @@ class SessionPool:
     def idle_sessions(self) -> int:
         """How many sessions wait in the pool."""
         return self._idle.qsize()
+
+    @property
+    def in_use(self) -> int:
+        """How many sessions are leased to an operation now (the metrics read it)."""
+        return self._leased
+
+    def _count_lease(self, change: int) -> None:
+        with self._leased_lock:
+            self._leased += change
 
     @contextmanager
     def lease(self, operation: str) -> Iterator[Lease]:
@@ -220,6 +238,7 @@ class SessionPool:
                 f"no session of HSM {self._hsm!r} came free within "
                 f"{self._lease_timeout:g}s; retry later"
             )
+        self._count_lease(1)
         try:
             self._recover_if_needed()
             with self._library.using():
@@ -229,6 +248,7 @@ class SessionPool:
                 finally:
                     self._checkin(pooled)
         finally:
+            self._count_lease(-1)
             self._slots.release()
 
     def probe_token(self) -> None:

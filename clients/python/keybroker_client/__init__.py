@@ -15,6 +15,7 @@ from keybroker_client.client import DEFAULT_TIMEOUT, KeybrokerClient
 from keybroker_client.config import ClientSettings, resolve_settings
 from keybroker_client.errors import (
     AlreadyExists,
+    ApprovalPending,
     ConfigError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -37,12 +38,16 @@ from keybroker_client.parsing import (
 )
 from keybroker_client.recipes import FileInfo
 from keybroker_client.types import (
+    ApprovalRequest,
+    ApprovalState,
     AuditEvent,
     AuditReport,
     DataKey,
     Decrypted,
+    DecryptResult,
     Encrypted,
     Grant,
+    HsmInfo,
     IssuedToken,
     Key,
     KeyPage,
@@ -51,23 +56,29 @@ from keybroker_client.types import (
     KeyVersion,
     Operation,
     Outcome,
+    ReWrapResult,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_TIMEOUT",
     "AlreadyExists",
+    "ApprovalPending",
+    "ApprovalRequest",
+    "ApprovalState",
     "AuditEvent",
     "AuditReport",
     "ClientSettings",
     "ConfigError",
     "DataKey",
     "DeadlineExceeded",
+    "DecryptResult",
     "Decrypted",
     "Encrypted",
     "FailedPrecondition",
     "FileInfo",
     "Grant",
+    "HsmInfo",
     "InvalidArgument",
     "InvalidFile",
     "IssuedToken",
@@ -82,6 +93,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "PermissionDenied",
+    "ReWrapResult",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",

@@ -1,8 +1,10 @@
-"""The asyncio client: :class:`AsyncKeybrokerClient`, on ``grpc.aio``.
+"""The asyncio client: :class:`AsyncKeybrokerClient`, on ``grpc.aio``, for one or more brokers.
 
 The same methods, arguments, types and errors as :class:`~keybroker_client.KeybrokerClient`,
-as coroutines (``audit_events`` and ``iter_keys`` are async iterators); the conversions are the
-ones of :mod:`keybroker_client._wire`. Open it inside the event loop that uses it::
+as coroutines (``audit_events``, ``export_audit_log``, ``iter_keys``, ``iter_approval_requests``
+and ``rewrap_stream`` are async iterators); requests are built and responses read by the same
+functions of :mod:`keybroker_client._wire` as the blocking client's (a unit test fails when a
+method of one has no counterpart in the other). Open it inside the event loop that uses it::
 
     from keybroker_client import resolve_settings
     from keybroker_client.aio import AsyncKeybrokerClient
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -28,78 +30,111 @@ import grpc.aio
 from google.protobuf import message
 from keybroker.v1 import (
     audit_pb2,
-    audit_pb2_grpc,
     crypto_pb2,
-    crypto_pb2_grpc,
     key_admin_pb2,
-    key_admin_pb2_grpc,
     tokens_pb2,
-    tokens_pb2_grpc,
 )
 
 from keybroker_client import _wire
 from keybroker_client._async_recipes import AsyncFileRecipes
+from keybroker_client._rewrap import DEFAULT_BATCH as DEFAULT_REWRAP_BATCH
+from keybroker_client._rewrap import AsyncBatchFeeder, ReWrapItem
+from keybroker_client._wire import DecryptItem
 from keybroker_client.client import (
     DEFAULT_TIMEOUT,
     REQUEST_ID_HEADER,
     DurationLike,
-    _duration,
     _read,
+    base_options,
+    rpcs_of,
 )
 from keybroker_client.config import ClientSettings
 from keybroker_client.errors import error_from_rpc
+from keybroker_client.failover import (
+    DEFAULT_CONNECT_TIMEOUT,
+    RETRY_RULES,
+    Attempt,
+    Call,
+    Retry,
+    TargetPool,
+    attempts_for,
+    channel_options,
+    decrypt_retry,
+    failing_async,
+    resolve_targets,
+    wait_ready_async,
+)
 from keybroker_client.types import (
+    ApprovalPage,
+    ApprovalRequest,
+    ApprovalState,
     AuditEvent,
     AuditReport,
     DataKey,
     Decrypted,
+    DecryptResult,
     Encrypted,
     IssuedToken,
     Key,
     KeyPage,
     KeyPolicy,
+    KeyUsage,
+    ReWrapResult,
 )
 
 __all__ = ["AsyncKeybrokerClient"]
 
 
 class AsyncKeybrokerClient(AsyncFileRecipes):
-    """A ``grpc.aio`` connection to one broker over mutual TLS.
+    """A ``grpc.aio`` connection to one broker, or to several interchangeable ones.
 
-    Use it as an async context manager, or await :meth:`close`. Arguments as for
-    :class:`~keybroker_client.KeybrokerClient`; each method's documentation is there.
+    Use it as an async context manager, or await :meth:`close`. Arguments, and the rules for
+    moving on to the next broker, as for :class:`~keybroker_client.KeybrokerClient`; each
+    method's documentation is there.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str] | None = None,
         *,
+        targets: Sequence[str] | None = None,
         root_certificates: bytes,
         private_key: bytes,
         certificate_chain: bytes,
         timeout: float = DEFAULT_TIMEOUT,
         server_name: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        max_attempts: int | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=root_certificates,
             private_key=private_key,
             certificate_chain=certificate_chain,
         )
-        channel_options = list(options)
-        if server_name:
-            channel_options.append(("grpc.ssl_target_name_override", server_name))
-        self.target = target
+        self.targets = resolve_targets(target, targets)
+        self.target = ",".join(self.targets)
         self.timeout = timeout
-        self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
-        self._keys = key_admin_pb2_grpc.KeyAdminStub(self._channel)
-        self._crypto = crypto_pb2_grpc.CryptoStub(self._channel)
-        self._tokens = tokens_pb2_grpc.TokensStub(self._channel)
-        self._audit = audit_pb2_grpc.AuditStub(self._channel)
+        self.max_attempts = attempts_for(max_attempts, self.targets)
+        self.connect_timeout = connect_timeout
+        base = base_options(options, server_name)
+        self._channels = [
+            grpc.aio.secure_channel(
+                t, credentials, options=channel_options(t, base, self.max_attempts > 1)
+            )
+            for t in self.targets
+        ]
+        self._rpcs = [rpcs_of(channel) for channel in self._channels]
+        self._pool = TargetPool(len(self.targets))
 
     @classmethod
     def from_settings(
-        cls, settings: ClientSettings, *, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        settings: ClientSettings,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> AsyncKeybrokerClient:
         """Opens a client from resolved settings (see :func:`resolve_settings`).
 
@@ -112,11 +147,14 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
             certificate_chain=_read(settings.cert, "client certificate"),
             private_key=_read(settings.key, "client key"),
             timeout=timeout,
+            max_attempts=max_attempts,
+            connect_timeout=connect_timeout,
         )
 
     async def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
-        await self._channel.close()
+        """Closes the channels; calls in flight are cancelled."""
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -129,19 +167,85 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
     ) -> None:
         await self.close()
 
-    async def _call(self, rpc: Callable[..., Any], request: message.Message) -> Any:
-        request_id = str(uuid.uuid4())
-        try:
-            return await rpc(
-                request, timeout=self.timeout, metadata=((REQUEST_ID_HEADER, request_id),)
+    def _start(self, rpc: str, retry: Retry | None, timeout: float | None = None) -> Call:
+        """The bookkeeping of one call of ``rpc`` (its rule unless ``retry`` overrides it)."""
+        channels = self._channels
+        return Call(
+            pool=self._pool,
+            targets=self.targets,
+            retry=retry or RETRY_RULES[rpc],
+            attempts=self.max_attempts,
+            timeout=self.timeout if timeout is None else timeout,
+            connect_timeout=self.connect_timeout,
+            request_id=str(uuid.uuid4()),
+            failing=lambda i: failing_async(channels[i]),
+        )
+
+    async def _ready(self, attempt: Attempt) -> bool:
+        if not attempt.check_ready:
+            return True
+        return await wait_ready_async(self._channels[attempt.index], attempt.connect_timeout)
+
+    async def _call(self, rpc: str, request: message.Message, retry: Retry | None = None) -> Any:
+        """Sends a unary call, trying the next broker where its rule allows."""
+        call = self._start(rpc, retry)
+        metadata = ((REQUEST_ID_HEADER, call.request_id),)
+        while (attempt := call.next()) is not None:
+            if not await self._ready(attempt):
+                call.unreachable(attempt)
+                continue
+            method = self._rpcs[attempt.index][rpc]
+            try:
+                response = await method(
+                    request, timeout=attempt.timeout, metadata=metadata, wait_for_ready=False
+                )
+            except grpc.RpcError as exc:
+                call.failed(attempt, error_from_rpc(exc, request_id=call.request_id))
+                continue
+            call.succeeded(attempt)
+            return response
+        raise call.error()
+
+    async def _stream(
+        self, rpc: str, request: message.Message, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """Yields a server stream's messages; another broker is tried only before the first."""
+        call = self._start(rpc, None, timeout)
+        metadata = ((REQUEST_ID_HEADER, call.request_id),)
+        while (attempt := call.next()) is not None:
+            if not await self._ready(attempt):
+                call.unreachable(attempt)
+                continue
+            stream = self._rpcs[attempt.index][rpc](
+                request, timeout=attempt.timeout, metadata=metadata, wait_for_ready=False
             )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, request_id=request_id) from None
+            received = False
+            try:
+                async for item in stream:
+                    received = True
+                    yield item
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, request_id=call.request_id)
+                if received:
+                    # Events already delivered: a new stream would repeat them.
+                    raise error from None
+                call.failed(attempt, error)
+                continue
+            finally:
+                # Stops the server-side stream if the caller leaves the loop early.
+                stream.cancel()
+            call.succeeded(attempt)
+            return
+        raise call.error()
 
     # KeyAdmin
 
-    async def _key_call(self, rpc: Callable[..., Any], request: message.Message) -> Key:
+    async def _key_call(self, rpc: str, request: message.Message) -> Key:
         return _wire.key_from_proto((await self._call(rpc, request)).key)
+
+    async def _changed_key(self, rpc: str, request: message.Message) -> Key:
+        """A change that may need approval: the changed key, or ApprovalPending."""
+        return _wire.changed_key_from_proto(await self._call(rpc, request))
 
     async def create_key(
         self,
@@ -152,21 +256,17 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
         hsm: str = "",
     ) -> Key:
         """Creates a key; version 1 is generated in the HSM. Admin only."""
-        request = key_admin_pb2.CreateKeyRequest(key_id=key_id, description=description, hsm=hsm)
-        if policy is not None:
-            request.policy.CopyFrom(_wire.policy_to_proto(policy))
-        if rotation_period is not None:
-            request.rotation_period.CopyFrom(_duration(rotation_period))
-        return await self._key_call(self._keys.CreateKey, request)
+        request = _wire.create_key_request(key_id, description, policy, rotation_period, hsm)
+        return await self._key_call("CreateKey", request)
 
     async def get_key(self, key_id: str) -> Key:
         """Returns a key's metadata. Admin or auditor."""
-        return await self._key_call(self._keys.GetKey, key_admin_pb2.GetKeyRequest(key_id=key_id))
+        return await self._key_call("GetKey", key_admin_pb2.GetKeyRequest(key_id=key_id))
 
     async def list_keys(self, page_size: int = 0, page_token: str = "") -> KeyPage:
         """Returns one page of keys in key id order. Admin or auditor."""
         request = key_admin_pb2.ListKeysRequest(page_size=page_size, page_token=page_token)
-        return _wire.key_page_from_proto(await self._call(self._keys.ListKeys, request))
+        return _wire.key_page_from_proto(await self._call("ListKeys", request))
 
     async def iter_keys(self, page_size: int = 0) -> AsyncIterator[Key]:
         """Yields every key, following ``next_page_token`` from page to page."""
@@ -182,38 +282,103 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
     async def rotate_key(self, key_id: str) -> Key:
         """Makes a new version primary; older versions still decrypt. Admin only."""
         request = key_admin_pb2.RotateKeyRequest(key_id=key_id)
-        return await self._key_call(self._keys.RotateKey, request)
+        return await self._key_call("RotateKey", request)
 
     async def update_key_policy(self, key_id: str, policy: KeyPolicy) -> Key:
-        """Replaces the key's policy (all of it). Admin only."""
+        """Replaces the key's policy (all of it). Admin only. Raises ApprovalPending when
+        other admins must approve it first (the broker's ``approvals.required``)."""
         request = key_admin_pb2.UpdateKeyPolicyRequest(
             key_id=key_id, policy=_wire.policy_to_proto(policy)
         )
-        return await self._key_call(self._keys.UpdateKeyPolicy, request)
+        return await self._changed_key("UpdateKeyPolicy", request)
 
     async def enable_key(self, key_id: str) -> Key:
-        """Enables a disabled key. Admin only."""
+        """Enables a disabled key. Admin only. Raises ApprovalPending as update_key_policy."""
         request = key_admin_pb2.EnableKeyRequest(key_id=key_id)
-        return await self._key_call(self._keys.EnableKey, request)
+        return await self._changed_key("EnableKey", request)
 
     async def disable_key(self, key_id: str) -> Key:
         """Disables a key: it neither encrypts nor decrypts until enabled. Admin only."""
         request = key_admin_pb2.DisableKeyRequest(key_id=key_id)
-        return await self._key_call(self._keys.DisableKey, request)
+        return await self._key_call("DisableKey", request)
 
     async def schedule_key_destruction(
         self, key_id: str, pending_window: DurationLike | None = None
     ) -> Key:
-        """Schedules destruction of every version after ``pending_window``. Admin only."""
-        request = key_admin_pb2.ScheduleKeyDestructionRequest(key_id=key_id)
-        if pending_window is not None:
-            request.pending_window.CopyFrom(_duration(pending_window))
-        return await self._key_call(self._keys.ScheduleKeyDestruction, request)
+        """Schedules destruction of every version after ``pending_window``. Admin only.
+        Raises ApprovalPending as update_key_policy."""
+        request = _wire.schedule_destruction_request(key_id, pending_window)
+        return await self._changed_key("ScheduleKeyDestruction", request)
 
     async def cancel_key_destruction(self, key_id: str) -> Key:
         """Cancels a scheduled destruction; the key comes back disabled. Admin only."""
         request = key_admin_pb2.CancelKeyDestructionRequest(key_id=key_id)
-        return await self._key_call(self._keys.CancelKeyDestruction, request)
+        return await self._key_call("CancelKeyDestruction", request)
+
+    async def set_min_decryption_version(self, key_id: str, min_decryption_version: int) -> Key:
+        """Retires the versions below ``min_decryption_version`` (not the primary). Admin
+        only."""
+        request = key_admin_pb2.SetMinDecryptionVersionRequest(
+            key_id=key_id, min_decryption_version=min_decryption_version
+        )
+        return await self._key_call("SetMinDecryptionVersion", request)
+
+    async def key_usage(self, key_id: str) -> KeyUsage:
+        """Per-version use of a key, counted from the audit trail. Admin or auditor."""
+        request = key_admin_pb2.GetKeyUsageRequest(key_id=key_id)
+        return _wire.key_usage_from_proto(await self._call("GetKeyUsage", request))
+
+    async def destruction_receipt(self, key_id: str) -> str:
+        """The signed receipt of a destroyed key's destruction, as its file text. Admin or
+        auditor. Raises FailedPrecondition when the key is not destroyed."""
+        request = key_admin_pb2.GetDestructionReceiptRequest(key_id=key_id)
+        receipt: str = (await self._call("GetDestructionReceipt", request)).receipt_json
+        return receipt
+
+    # Approvals (docs/lifecycle.md, "Approvals")
+
+    async def approve_request(self, request_id: str) -> ApprovalRequest:
+        """Approves a pending change. Admin only, never the requester."""
+        request = key_admin_pb2.ApproveRequestRequest(request_id=request_id)
+        response = await self._call("ApproveRequest", request)
+        return _wire.approval_from_proto(response.approval_request)
+
+    async def get_approval_request(self, request_id: str) -> ApprovalRequest:
+        """One approval request. Admin or auditor."""
+        request = key_admin_pb2.GetApprovalRequestRequest(request_id=request_id)
+        response = await self._call("GetApprovalRequest", request)
+        return _wire.approval_from_proto(response.approval_request)
+
+    async def list_approval_requests(
+        self,
+        state: ApprovalState | None = None,
+        key_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> ApprovalPage:
+        """One page of approval requests, oldest first. Admin or auditor."""
+        request = _wire.list_approval_requests_request(state, key_id, page_size, page_token)
+        return _wire.approval_page_from_proto(await self._call("ListApprovalRequests", request))
+
+    async def iter_approval_requests(
+        self, state: ApprovalState | None = None, key_id: str = "", page_size: int = 0
+    ) -> AsyncIterator[ApprovalRequest]:
+        """Yields every approval request (of ``state`` and ``key_id`` when given), following
+        ``next_page_token`` from page to page."""
+        token = ""
+        while True:
+            page = await self.list_approval_requests(state, key_id, page_size, token)
+            for approval in page.requests:
+                yield approval
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    async def cancel_approval_request(self, request_id: str) -> ApprovalRequest:
+        """Withdraws a pending request. Its requester, or an admin."""
+        request = key_admin_pb2.CancelApprovalRequestRequest(request_id=request_id)
+        response = await self._call("CancelApprovalRequest", request)
+        return _wire.approval_from_proto(response.approval_request)
 
     # Crypto
 
@@ -222,7 +387,7 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
     ) -> DataKey:
         """Returns a fresh 32-byte data key and its wrapped form. Needs an ``encrypt`` grant."""
         request = crypto_pb2.GenerateDataKeyRequest(key_id=key_id, context=dict(context or {}))
-        return _wire.data_key_from_proto(await self._call(self._crypto.GenerateDataKey, request))
+        return _wire.data_key_from_proto(await self._call("GenerateDataKey", request))
 
     async def encrypt(
         self, key_id: str, plaintext: bytes, context: Mapping[str, str] | None = None
@@ -231,7 +396,7 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
         request = crypto_pb2.EncryptRequest(
             key_id=key_id, plaintext=plaintext, context=dict(context or {})
         )
-        return _wire.encrypted_from_proto(await self._call(self._crypto.Encrypt, request))
+        return _wire.encrypted_from_proto(await self._call("Encrypt", request))
 
     async def decrypt(
         self, ciphertext: bytes, context: Mapping[str, str] | None, token: str
@@ -240,14 +405,78 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
         request = crypto_pb2.DecryptRequest(
             ciphertext=ciphertext, context=dict(context or {}), token=token
         )
-        return _wire.decrypted_from_proto(await self._call(self._crypto.Decrypt, request))
+        response = await self._call("Decrypt", request, retry=decrypt_retry(token))
+        return _wire.decrypted_from_proto(response)
 
     async def rewrap(
         self, ciphertext: bytes, context: Mapping[str, str] | None = None
     ) -> Encrypted:
         """Re-encrypts a blob under its key's primary version; returns no plaintext."""
         request = crypto_pb2.ReWrapRequest(ciphertext=ciphertext, context=dict(context or {}))
-        return _wire.encrypted_from_proto(await self._call(self._crypto.ReWrap, request))
+        return _wire.encrypted_from_proto(await self._call("ReWrap", request))
+
+    async def generate_data_keys(
+        self, key_id: str, context: Mapping[str, str] | None = None, count: int = 1
+    ) -> list[DataKey]:
+        """Returns ``count`` fresh data keys (1 to 1,000) and their wrapped forms in one call.
+        Needs an ``encrypt`` grant."""
+        request = crypto_pb2.GenerateDataKeysRequest(
+            key_id=key_id, context=dict(context or {}), count=count
+        )
+        return _wire.data_keys_from_proto(await self._call("GenerateDataKeys", request))
+
+    async def batch_decrypt(self, items: Sequence[DecryptItem]) -> list[DecryptResult]:
+        """Decrypts ``(ciphertext, context, token)`` items in one call; an item refused gives
+        its status in its result without failing the others."""
+        request = _wire.batch_decrypt_request(items)
+        tokens = sorted({token for _, _, token in items})
+        response = await self._call("BatchDecrypt", request, retry=decrypt_retry(*tokens))
+        return _wire.decrypt_results_from_proto(response)
+
+    async def rewrap_stream(
+        self,
+        items: Iterable[ReWrapItem] | AsyncIterable[ReWrapItem],
+        context: Mapping[str, str] | None = None,
+        *,
+        batch_size: int = DEFAULT_REWRAP_BATCH,
+        in_flight: int = 2,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ReWrapResult]:
+        """Re-wraps many blobs in one ``ReWrapStream``, one result per item in the items'
+        order; ``items`` may be an async iterable too. At most ``in_flight`` batches are
+        unanswered at a time, so memory stays bounded::
+
+            async for result in kb.rewrap_stream(blobs):
+                ...
+        """
+        feeder = AsyncBatchFeeder(items, context, batch_size, in_flight)
+        call = self._start("ReWrapStream", None)
+        while (attempt := call.next()) is not None:
+            if await self._ready(attempt):
+                break
+            call.unreachable(attempt)
+        else:
+            raise call.error()
+        responses = self._rpcs[attempt.index]["ReWrapStream"](
+            feeder.requests(),
+            timeout=timeout,
+            metadata=((REQUEST_ID_HEADER, call.request_id),),
+            wait_for_ready=False,
+        )
+        try:
+            async for response in responses:
+                for result in _wire.rewrap_batch_from_proto(response, feeder.answered()):
+                    yield result
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc, request_id=call.request_id)
+            call.failed(attempt, error)
+            raise error from None
+        finally:
+            feeder.close()
+            responses.cancel()
+        call.succeeded(attempt)
+        if feeder.error is not None:
+            raise feeder.error
 
     # Tokens
 
@@ -263,27 +492,20 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
         max_uses: int = 0,
     ) -> IssuedToken:
         """Issues a decryption token bound to a client certificate."""
-        request = tokens_pb2.IssueTokenRequest(
-            key_id=key_id,
-            context=dict(context or {}),
-            justification=justification,
-            subject=subject,
-            subject_cert_thumbprint=subject_cert_thumbprint,
-            max_uses=max_uses,
+        request = _wire.issue_token_request(
+            key_id, context, justification, ttl, subject, subject_cert_thumbprint, max_uses
         )
-        if ttl is not None:
-            request.ttl.CopyFrom(_duration(ttl))
-        return _wire.issued_token_from_proto(await self._call(self._tokens.IssueToken, request))
+        return _wire.issued_token_from_proto(await self._call("IssueToken", request))
 
     async def revoke_token(self, token_id: str) -> None:
         """Revokes a token everywhere. Admin, or the token's subject."""
         request = tokens_pb2.RevokeTokenRequest(token_id=token_id)
-        await self._call(self._tokens.RevokeToken, request)
+        await self._call("RevokeToken", request)
 
     async def signing_keys(self) -> dict[str, Any]:
         """Returns the broker's JWKS (RFC 7517): token and audit signing public keys."""
         request = tokens_pb2.GetSigningKeysRequest()
-        response = await self._call(self._tokens.GetSigningKeys, request)
+        response = await self._call("GetSigningKeys", request)
         jwks: dict[str, Any] = json.loads(response.jwks_json or "{}")
         return jwks
 
@@ -302,33 +524,23 @@ class AsyncKeybrokerClient(AsyncFileRecipes):
         timeout: float | None = None,
     ) -> AsyncIterator[AuditEvent]:
         """Streams audit events in sequence order; empty filters match everything."""
-        request = audit_pb2.ListAuditEventsRequest(
-            key_id=key_id,
-            principal=principal,
-            operation=operation,
-            after_sequence=after_sequence,
-            limit=limit,
+        request = _wire.audit_events_request(
+            key_id, principal, operation, start_time, end_time, after_sequence, limit
         )
-        if start_time is not None:
-            request.start_time.CopyFrom(_wire.timestamp_to_proto(start_time))
-        if end_time is not None:
-            request.end_time.CopyFrom(_wire.timestamp_to_proto(end_time))
-        request_id = str(uuid.uuid4())
-        stream = self._audit.ListAuditEvents(
-            request,
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=((REQUEST_ID_HEADER, request_id),),
-        )
-        try:
-            async for item in stream:
-                yield _wire.audit_event_from_proto(item.event)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, request_id=request_id) from None
-        finally:
-            # Stops the server-side stream if the caller leaves the loop early.
-            stream.cancel()
+        async for item in self._stream("ListAuditEvents", request, timeout):
+            yield _wire.audit_event_from_proto(item.event)
 
     async def verify_audit_log(self) -> AuditReport:
         """Walks the audit hash chain and checkpoints at the broker; check ``ok``."""
         request = audit_pb2.VerifyAuditLogRequest()
-        return _wire.audit_report_from_proto(await self._call(self._audit.VerifyAuditLog, request))
+        return _wire.audit_report_from_proto(await self._call("VerifyAuditLog", request))
+
+    async def export_audit_log(
+        self, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """Streams an export of the audit log (auditor or admin): JSON lines ending with the
+        broker's signed manifest; verify it with :func:`keybroker_client.evidence.verify_export`.
+        """
+        request = audit_pb2.ExportAuditLogRequest(after_sequence=after_sequence)
+        async for item in self._stream("ExportAuditLog", request, timeout):
+            yield item.line

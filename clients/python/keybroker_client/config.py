@@ -45,7 +45,7 @@ class ClientSettings:
     """How to reach one broker over mutual TLS.
 
     Attributes:
-        target: the broker's ``host:port``.
+        target: the broker's ``host:port``, or several brokers' as ``"a:1,b:2"``.
         ca: PEM file of the CA that signed the broker's server certificate.
         cert: PEM file of the client certificate; its identity is the caller's principal.
         key: PEM file of the client certificate's private key.
@@ -71,7 +71,8 @@ def resolve_settings(
 
     Args:
         home: the broker's home directory; default ``$KEYBROKER_HOME`` or ``./var``.
-        target: ``host:port``; default ``$KEYBROKER_TARGET``, else the contents of
+        target: ``host:port``, or several as ``"a:1,b:2"`` (interchangeable brokers, see
+            :mod:`keybroker_client.failover`); default ``$KEYBROKER_TARGET``, else the contents of
             ``HOME/listen.addr``, else ``127.0.0.1:50051``.
         ca: CA certificate file; default ``$KEYBROKER_CA`` or ``HOME/pki/ca.pem``.
         cert: client certificate file; default ``$KEYBROKER_CERT`` or ``HOME/pki/NAME.pem``.
@@ -158,6 +159,8 @@ def profile_path(environ: Mapping[str, str]) -> tuple[Path | None, bool]:
 def load_profile(environ: Mapping[str, str]) -> dict[str, str]:
     """The defaults of the profile file: ``target``, ``home``, ``identity`` (all optional).
 
+    ``target`` is a string (``"a:1"`` or ``"a:1,b:2"``) or a list of addresses.
+
     A relative ``home`` is taken from the file's directory; ``~`` is expanded. A missing
     default file is no profile; a missing ``$KEYBROKER_CONFIG`` file is an error.
 
@@ -187,7 +190,13 @@ def load_profile(environ: Mapping[str, str]) -> dict[str, str]:
             f"(known: {', '.join(PROFILE_KEYS)})"
         )
     profile: dict[str, str] = {}
-    for name, value in data.items():
+    for name, given in data.items():
+        value = given
+        if name == "target" and isinstance(given, list) and given:
+            # Several brokers: target = ["kb-1:50051", "kb-2:50051"], as "a,b" elsewhere.
+            if not all(isinstance(item, str) and item for item in given):
+                raise ConfigError(f"profile {path.absolute()}: target must list non-empty strings")
+            value = ",".join(given)
         if not isinstance(value, str) or not value:
             raise ConfigError(f"profile {path.absolute()}: {name} must be a non-empty string")
         profile[name] = value

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import grpc
 
+from keybroker_client.types import ApprovalRequest, Key
+
 
 class KeybrokerError(Exception):
     """Base class of every error the client raises.
@@ -81,6 +83,32 @@ class DeadlineExceeded(KeybrokerError):
 
 class UnexpectedError(KeybrokerError):
     """Any other status (INTERNAL, UNIMPLEMENTED, UNKNOWN, ...)."""
+
+
+class ApprovalPending(KeybrokerError):
+    """The broker took the change but has not applied it: it waits for the approval of other
+    admins (the broker's ``approvals.required``). Raised by the calls of the changes that may
+    need approval, so that no caller mistakes the key it sees for the key changed.
+
+    Attributes:
+        request: the pending :class:`~keybroker_client.types.ApprovalRequest`; other admins
+            approve it with ``approve_request(request.request_id)``.
+        key: the key as it stands, unchanged.
+    """
+
+    code_name = "APPROVAL_PENDING"
+
+    def __init__(self, request: ApprovalRequest, key: Key, *, request_id: str = "") -> None:
+        super().__init__(
+            "APPROVAL_PENDING",
+            f"{request.operation.value} of key {request.key_id!r} waits for approval: request "
+            f"{request.request_id}, {len(request.approvals)} of {request.required_approvals} "
+            "approvals; another admin approves it with approve_request "
+            f"(keybroker approvals approve {request.request_id})",
+            request_id=request_id,
+        )
+        self.request = request
+        self.key = key
 
 
 _BY_CODE: dict[grpc.StatusCode, type[KeybrokerError]] = {

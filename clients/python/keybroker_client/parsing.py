@@ -3,7 +3,8 @@
 - durations: ``90s``, ``5m``, ``1h``, ``2d``, or combined ``1h30m``;
 - encryption context entries: ``key=value`` (the value may itself contain ``=``);
 - grants: ``PRINCIPAL:OPS[:k=v,k2=v2]`` where OPS joins ``encrypt``, ``decrypt`` and
-  ``rewrap`` with ``+`` (``producer:encrypt+rewrap``; ``,`` is accepted too).
+  ``rewrap`` with ``+`` (``producer:encrypt+rewrap``; ``,`` is accepted too);
+- caller countries: ``PRINCIPAL=CC[,CC...]`` (``analyst=FR,DE``).
 
 Every parser raises ``ValueError`` with a message that says what the right form is.
 """
@@ -11,7 +12,8 @@ Every parser raises ``ValueError`` with a message that says what the right form 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from keybroker_client.types import Grant, KeyPolicy, Operation
@@ -146,11 +148,38 @@ def parse_grant(text: str, *, max_token_ttl: timedelta | None = None) -> Grant:
     )
 
 
+def parse_country_code(code: str) -> str:
+    """An ISO 3166-1 alpha-2 code, upper-cased; raises ValueError for anything else."""
+    if not _JURISDICTION.fullmatch(code.strip()):
+        raise ValueError(f"bad country {code!r}: use a two-letter ISO 3166-1 code, e.g. FR")
+    return code.strip().upper()
+
+
+def parse_caller_countries(texts: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Parses ``PRINCIPAL=CC[,CC...]`` entries: the countries a principal's client certificate
+    must name (its subject ``C=``) for its grants to apply.
+
+    Raises:
+        ValueError: an entry without ``=``, or a code that is not two letters.
+    """
+    countries: dict[str, list[str]] = {}
+    for text in texts:
+        principal, sep, codes = text.partition("=")
+        if not sep or not principal.strip() or not codes.strip():
+            raise ValueError(f"bad caller country {text!r}: use PRINCIPAL=CC[,CC], e.g. analyst=FR")
+        chosen = countries.setdefault(principal.strip(), [])
+        for code in codes.split(","):
+            if (upper := parse_country_code(code)) not in chosen:
+                chosen.append(upper)
+    return {principal: tuple(codes) for principal, codes in countries.items()}
+
+
 def policy_from_grants(
     grants: Iterable[str],
     jurisdictions: Iterable[str] = (),
     *,
     max_token_ttl: timedelta | None = None,
+    caller_countries: Mapping[str, Iterable[str]] | None = None,
 ) -> KeyPolicy:
     """Builds a :class:`KeyPolicy` from grants in the CLI syntax (see :func:`parse_grant`).
 
@@ -159,12 +188,15 @@ def policy_from_grants(
         jurisdictions: ISO 3166-1 alpha-2 codes of the jurisdictions whose HSMs may hold the
             key; empty means the broker's default (the EU/EEA member states).
         max_token_ttl: the longest token lifetime for the grants that allow ``decrypt``.
+        caller_countries: principal -> the countries its grants require of the caller's
+            certificate (see :func:`parse_caller_countries`).
 
     Returns:
         The policy, ready for ``create_key`` or ``update_key_policy``.
 
     Raises:
-        ValueError: a grant or a jurisdiction code is malformed.
+        ValueError: a grant, a jurisdiction or a country code is malformed, or a caller
+            country names a principal without a grant.
     """
     codes: list[str] = []
     for code in jurisdictions:
@@ -174,8 +206,15 @@ def policy_from_grants(
             )
         if code.strip().upper() not in codes:
             codes.append(code.strip().upper())
+    parsed = [parse_grant(g, max_token_ttl=max_token_ttl) for g in grants]
+    countries = {
+        p: tuple(parse_country_code(c) for c in cs) for p, cs in (caller_countries or {}).items()
+    }
+    unknown = sorted(set(countries) - {g.principal for g in parsed})
+    if unknown:
+        raise ValueError(f"caller country for {', '.join(unknown)}, who has no grant")
     return KeyPolicy(
-        grants=tuple(parse_grant(g, max_token_ttl=max_token_ttl) for g in grants),
+        grants=tuple(replace(g, countries=countries.get(g.principal, ())) for g in parsed),
         allowed_jurisdictions=tuple(codes),
     )
 

@@ -15,20 +15,29 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 __all__ = [
+    "Approval",
+    "ApprovalOperation",
+    "ApprovalPage",
+    "ApprovalRequest",
+    "ApprovalState",
     "AuditEvent",
     "AuditReport",
     "DataKey",
     "Decrypted",
     "Encrypted",
     "Grant",
+    "HsmInfo",
     "IssuedToken",
     "Key",
     "KeyPage",
     "KeyPolicy",
     "KeyState",
+    "KeyUsage",
     "KeyVersion",
+    "KeyVersionUsage",
     "Operation",
     "Outcome",
+    "ReWrapResult",
 ]
 
 
@@ -88,15 +97,23 @@ class Grant:
             a value ending in ``*`` matches by prefix.
         max_token_ttl: the longest token lifetime the grant allows; ``None`` means the
             broker's maximum (1 hour).
+        countries: ISO 3166-1 alpha-2 codes; when any is given, the grant applies only to a
+            caller whose client certificate names one of them as its country (``C=``).
     """
 
     principal: str
     operations: tuple[Operation, ...] = ()
     context: Mapping[str, str] = field(default_factory=dict)
     max_token_ttl: timedelta | None = None
+    countries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _freeze(self, operations=tuple(self.operations), context=dict(self.context))
+        _freeze(
+            self,
+            operations=tuple(self.operations),
+            context=dict(self.context),
+            countries=tuple(self.countries),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +151,21 @@ class KeyVersion:
 
 
 @dataclass(frozen=True, slots=True)
+class HsmInfo:
+    """A configured HSM and where it stands, as the broker declares it.
+
+    Attributes:
+        name: the name keys refer to (``Key.hsm``).
+        jurisdiction: ISO 3166-1 alpha-2 code of the country whose law governs the HSM.
+        operator: who runs the HSM.
+    """
+
+    name: str
+    jurisdiction: str = ""
+    operator: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Key:
     """A key's metadata; key material never leaves the HSM.
 
@@ -150,6 +182,8 @@ class Key:
         rotation_period: the automatic rotation interval, if any.
         next_rotation_time: when the next automatic rotation is due, if any.
         destroy_time: when a scheduled destruction happens (or happened).
+        hsm_info: where the key lives: its HSM's name, jurisdiction and operator; ``None``
+            when that HSM is not configured on the broker that answered.
     """
 
     key_id: str
@@ -164,6 +198,51 @@ class Key:
     rotation_period: timedelta | None = None
     next_rotation_time: datetime | None = None
     destroy_time: datetime | None = None
+    hsm_info: HsmInfo | None = None
+
+    def __post_init__(self) -> None:
+        _freeze(self, versions=tuple(self.versions))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionUsage:
+    """How one key version has been used, counted from the audit trail.
+
+    Attributes:
+        version: the key version.
+        data_keys_issued: data keys wrapped under it.
+        encryptions: ``Encrypt`` calls under it.
+        rewrapped: blobs re-wrapped into it.
+        decrypts: blobs of it decrypted.
+        decrypts_refused: refused decrypts of its blobs (for a retired version: who still
+            needs it).
+        last_decrypt_time: the last decrypt of one of its blobs, if any.
+        last_use_time: its last use of any kind, if any.
+    """
+
+    version: int
+    data_keys_issued: int = 0
+    encryptions: int = 0
+    rewrapped: int = 0
+    decrypts: int = 0
+    decrypts_refused: int = 0
+    last_decrypt_time: datetime | None = None
+    last_use_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    """The result of ``GetKeyUsage``.
+
+    Attributes:
+        key: the key.
+        versions: the use of each of its versions, oldest first.
+        events_counted: how many of the key's audit events were read.
+    """
+
+    key: Key
+    versions: tuple[KeyVersionUsage, ...] = ()
+    events_counted: int = 0
 
     def __post_init__(self) -> None:
         _freeze(self, versions=tuple(self.versions))
@@ -183,6 +262,107 @@ class KeyPage:
 
     def __post_init__(self) -> None:
         _freeze(self, keys=tuple(self.keys))
+
+
+class ApprovalState(enum.Enum):
+    """Where an approval request stands."""
+
+    #: Not set, or a state this client version does not know.
+    UNSPECIFIED = "UNSPECIFIED"
+    #: Waiting for approvals until ``expire_time``.
+    PENDING = "PENDING"
+    #: Approved by enough admins and applied to the key.
+    APPLIED = "APPLIED"
+    #: Approved but not applied: the key changed since the request (``reason`` says how).
+    FAILED = "FAILED"
+    #: Not approved by enough admins in time.
+    EXPIRED = "EXPIRED"
+    #: Withdrawn by its requester or an admin.
+    CANCELLED = "CANCELLED"
+
+
+class ApprovalOperation(enum.Enum):
+    """The change an approval request holds, by the RPC that asked for it."""
+
+    #: Not set, or a change this client version does not know.
+    UNSPECIFIED = "UNSPECIFIED"
+    UPDATE_KEY_POLICY = "UpdateKeyPolicy"
+    ENABLE_KEY = "EnableKey"
+    SCHEDULE_KEY_DESTRUCTION = "ScheduleKeyDestruction"
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One admin's approval of a request (the requester's comes first)."""
+
+    principal: str
+    approve_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRequest:
+    """A change to a key waiting for (or done with) the approval of several admins
+    (``approvals.required`` on the broker; docs/lifecycle.md, "Approvals").
+
+    Attributes:
+        request_id: ``apr-YYYYMMDD-HHMMSS-`` and 8 hex digits.
+        operation: what the change is.
+        key_id: the key it changes.
+        requester: the admin who asked; their request is the first approval.
+        create_time: when it was asked for.
+        expire_time: after this it can no longer be approved.
+        state: where it stands.
+        required_approvals: distinct admins needed, the requester included.
+        approvals: the approvals so far, the requester's first.
+        policy: the whole policy requested (``UPDATE_KEY_POLICY``).
+        pending_window: the window requested (``SCHEDULE_KEY_DESTRUCTION``).
+        widening: the policy requested widens the key's (more jurisdictions, a longer
+            token lifetime cap); ``widening_summary`` says how.
+        widening_summary: one line per widening.
+        reason: why it failed, expired or was cancelled.
+        close_time: when it left ``PENDING``.
+        closed_by: who applied or cancelled it.
+    """
+
+    request_id: str
+    operation: ApprovalOperation = ApprovalOperation.UNSPECIFIED
+    key_id: str = ""
+    requester: str = ""
+    create_time: datetime | None = None
+    expire_time: datetime | None = None
+    state: ApprovalState = ApprovalState.UNSPECIFIED
+    required_approvals: int = 0
+    approvals: tuple[Approval, ...] = ()
+    policy: KeyPolicy | None = None
+    pending_window: timedelta | None = None
+    widening: bool = False
+    widening_summary: tuple[str, ...] = ()
+    reason: str = ""
+    close_time: datetime | None = None
+    closed_by: str = ""
+
+    def __post_init__(self) -> None:
+        _freeze(
+            self,
+            approvals=tuple(self.approvals),
+            widening_summary=tuple(self.widening_summary),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalPage:
+    """One page of ``ListApprovalRequests``.
+
+    Attributes:
+        requests: the requests of this page, oldest first.
+        next_page_token: pass it to get the next page; empty on the last page.
+    """
+
+    requests: tuple[ApprovalRequest, ...] = ()
+    next_page_token: str = ""
+
+    def __post_init__(self) -> None:
+        _freeze(self, requests=tuple(self.requests))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +396,58 @@ class Encrypted:
     ciphertext: bytes
     key_id: str
     key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReWrapResult:
+    """The outcome of one item of :meth:`KeybrokerClient.rewrap_stream`.
+
+    Attributes:
+        ciphertext: the blob under the key's primary version (the item's own, unchanged,
+            when ``already_current``); empty when the item failed.
+        key_id: the key of ``ciphertext``.
+        key_version: its key version.
+        already_current: the blob was already under the primary version: checked, unchanged.
+        code: ``"OK"``, or the status name a ``ReWrap`` of this item alone would have raised
+            (``"INVALID_ARGUMENT"`` for a damaged blob or a wrong context, ...).
+        message: why the item failed; empty when it did not.
+    """
+
+    ciphertext: bytes
+    key_id: str = ""
+    key_version: int = 0
+    already_current: bool = False
+    code: str = "OK"
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the item is under the primary version now (re-wrapped or already)."""
+        return self.code == "OK"
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptResult:
+    """The outcome of one item of :meth:`KeybrokerClient.batch_decrypt`.
+
+    Attributes:
+        plaintext: the decrypted bytes; empty when the item failed. Kept out of ``repr``.
+        key_id: the key the blob was encrypted under (empty when the item failed).
+        key_version: its key version.
+        code: ``"OK"``, or the status name a ``Decrypt`` of this item alone would have raised.
+        message: why the item failed; empty when it did not.
+    """
+
+    plaintext: bytes = field(repr=False)
+    key_id: str = ""
+    key_version: int = 0
+    code: str = "OK"
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the item was decrypted."""
+        return self.code == "OK"
 
 
 @dataclass(frozen=True, slots=True)

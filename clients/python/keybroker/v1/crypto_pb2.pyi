@@ -172,3 +172,31 @@ class BatchDecryptResult(_message.Message):
     code: int
     message: str
     def __init__(self, plaintext: _Optional[bytes] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReWrapStreamRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReWrapRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[ReWrapRequest, _Mapping]]] = ...) -> None: ...
+
+class ReWrapStreamResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ReWrapResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ReWrapResult, _Mapping]]] = ...) -> None: ...
+
+class ReWrapResult(_message.Message):
+    __slots__ = ("ciphertext", "key_id", "key_version", "already_current", "code", "message")
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+    already_current: bool
+    code: int
+    message: str
+    def __init__(self, ciphertext: _Optional[bytes] = ..., key_id: _Optional[str] = ..., key_version: _Optional[int] = ..., already_current: _Optional[bool] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

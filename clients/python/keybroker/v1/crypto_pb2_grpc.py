@@ -66,6 +66,11 @@ class CryptoStub:
                 request_serializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.FromString,
                 _registered_method=True)
+        self.ReWrapStream = channel.stream_stream(
+                '/keybroker.v1.Crypto/ReWrapStream',
+                request_serializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamResponse.FromString,
+                _registered_method=True)
 
 
 class CryptoServicer:
@@ -121,6 +126,19 @@ class CryptoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReWrapStream(self, request_iterator, context):
+        """Re-wraps many stored blobs under their key's primary version in one stream. Each request
+        message carries a batch of items (1 to 1,000); the answer to it is one response message
+        with one result per item, in order. Each item is authorised (admin, or OPERATION_REWRAP
+        on the blob's key for the item's context) and audited as a ReWrap on its own, before its
+        batch is answered; a refused item does not end the stream. A blob already under the
+        primary version is checked (it must decrypt) and returned unchanged. The plaintext data
+        keys are unwrapped and wrapped again inside the broker: none is ever returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CryptoServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +171,11 @@ def add_CryptoServicer_to_server(servicer, server):
                     servicer.BatchDecrypt,
                     request_deserializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.SerializeToString,
+            ),
+            'ReWrapStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReWrapStream,
+                    request_deserializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +342,33 @@ class Crypto:
             '/keybroker.v1.Crypto/BatchDecrypt',
             keybroker_dot_v1_dot_crypto__pb2.BatchDecryptRequest.SerializeToString,
             keybroker_dot_v1_dot_crypto__pb2.BatchDecryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReWrapStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/keybroker.v1.Crypto/ReWrapStream',
+            keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamRequest.SerializeToString,
+            keybroker_dot_v1_dot_crypto__pb2.ReWrapStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

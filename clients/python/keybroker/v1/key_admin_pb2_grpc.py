@@ -80,6 +80,41 @@ class KeyAdminStub:
                 request_serializer=keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionRequest.SerializeToString,
                 response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionResponse.FromString,
                 _registered_method=True)
+        self.SetMinDecryptionVersion = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/SetMinDecryptionVersion',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionResponse.FromString,
+                _registered_method=True)
+        self.GetKeyUsage = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/GetKeyUsage',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageResponse.FromString,
+                _registered_method=True)
+        self.GetDestructionReceipt = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/GetDestructionReceipt',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptResponse.FromString,
+                _registered_method=True)
+        self.ApproveRequest = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/ApproveRequest',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestResponse.FromString,
+                _registered_method=True)
+        self.GetApprovalRequest = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/GetApprovalRequest',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestResponse.FromString,
+                _registered_method=True)
+        self.ListApprovalRequests = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/ListApprovalRequests',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsResponse.FromString,
+                _registered_method=True)
+        self.CancelApprovalRequest = channel.unary_unary(
+                '/keybroker.v1.KeyAdmin/CancelApprovalRequest',
+                request_serializer=keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestRequest.SerializeToString,
+                response_deserializer=keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -149,6 +184,59 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMinDecryptionVersion(self, request, context):
+        """Sets the oldest version that may still decrypt: blobs of older versions are refused with
+        FAILED_PRECONDITION until it is lowered again. The primary version cannot be retired.
+        Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyUsage(self, request, context):
+        """How each version of a key has been used, counted from the audit trail. Admin or auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDestructionReceipt(self, request, context):
+        """The destruction receipt of a destroyed key, signed by the HSM audit key. Admin or auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveRequest(self, request, context):
+        """Approves a change waiting for approval (approvals.required > 1, docs/lifecycle.md). Admin
+        only, never the requester (PERMISSION_DENIED). The approval that completes the quorum
+        applies the change, exactly once, if the key has not changed since the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApprovalRequest(self, request, context):
+        """Returns one approval request. Admin or auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovalRequests(self, request, context):
+        """Lists approval requests, oldest first, a page at a time. Admin or auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelApprovalRequest(self, request, context):
+        """Withdraws a pending approval request. Its requester, or an admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +284,41 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.CancelKeyDestruction,
                     request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionRequest.FromString,
                     response_serializer=keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionResponse.SerializeToString,
+            ),
+            'SetMinDecryptionVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMinDecryptionVersion,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionResponse.SerializeToString,
+            ),
+            'GetKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyUsage,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageResponse.SerializeToString,
+            ),
+            'GetDestructionReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDestructionReceipt,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptResponse.SerializeToString,
+            ),
+            'ApproveRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveRequest,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestResponse.SerializeToString,
+            ),
+            'GetApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApprovalRequest,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestResponse.SerializeToString,
+            ),
+            'ListApprovalRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovalRequests,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsResponse.SerializeToString,
+            ),
+            'CancelApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelApprovalRequest,
+                    request_deserializer=keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestRequest.FromString,
+                    response_serializer=keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +565,195 @@ class KeyAdmin:
             '/keybroker.v1.KeyAdmin/CancelKeyDestruction',
             keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionRequest.SerializeToString,
             keybroker_dot_v1_dot_key__admin__pb2.CancelKeyDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMinDecryptionVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/SetMinDecryptionVersion',
+            keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.SetMinDecryptionVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/GetKeyUsage',
+            keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.GetKeyUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDestructionReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/GetDestructionReceipt',
+            keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.GetDestructionReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/ApproveRequest',
+            keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.ApproveRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/GetApprovalRequest',
+            keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.GetApprovalRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovalRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/ListApprovalRequests',
+            keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.ListApprovalRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keybroker.v1.KeyAdmin/CancelApprovalRequest',
+            keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestRequest.SerializeToString,
+            keybroker_dot_v1_dot_key__admin__pb2.CancelApprovalRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

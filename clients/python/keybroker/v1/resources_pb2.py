@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckeybroker/v1/resources.proto\x12\x0ckeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x05Grant\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12+\n\noperations\x18\x02 \x03(\x0e\x32\x17.keybroker.v1.Operation\x12\x31\n\x07\x63ontext\x18\x03 \x03(\x0b\x32 .keybroker.v1.Grant.ContextEntry\x12\x30\n\rmax_token_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\tKeyPolicy\x12#\n\x06grants\x18\x01 \x03(\x0b\x32\x13.keybroker.v1.Grant\x12\x1d\n\x15\x61llowed_jurisdictions\x18\x02 \x03(\t\"\xbb\x03\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.keybroker.v1.KeyState\x12\x17\n\x0fprimary_version\x18\x04 \x01(\r\x12*\n\x08versions\x18\x05 \x03(\x0b\x32\x18.keybroker.v1.KeyVersion\x12\x1e\n\x16min_decryption_version\x18\x06 \x01(\r\x12\'\n\x06policy\x18\x07 \x01(\x0b\x32\x17.keybroker.v1.KeyPolicy\x12\x0b\n\x03hsm\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frotation_period\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x12next_rotation_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroy_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb8\x03\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x13\n\x0bkey_version\x18\x06 \x01(\r\x12\x10\n\x08token_id\x18\x07 \x01(\t\x12\x36\n\x07\x63ontext\x18\x08 \x03(\x0b\x32%.keybroker.v1.AuditEvent.ContextEntry\x12\x15\n\rjustification\x18\t \x01(\t\x12&\n\x07outcome\x18\n \x01(\x0e\x32\x15.keybroker.v1.Outcome\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x11\n\tprev_hash\x18\r \x01(\t\x12\x0c\n\x04hash\x18\x0e \x01(\t\x12\r\n\x05\x63hain\x18\x0f \x01(\t\x12\x16\n\x0e\x63hain_sequence\x18\x10 \x01(\x04\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x90\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12!\n\x1dKEY_STATE_PENDING_DESTRUCTION\x10\x03\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x04*j\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_ENCRYPT\x10\x01\x12\x15\n\x11OPERATION_DECRYPT\x10\x02\x12\x14\n\x10OPERATION_REWRAP\x10\x03*^\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_ALLOWED\x10\x01\x12\x12\n\x0eOUTCOME_DENIED\x10\x02\x12\x11\n\rOUTCOME_ERROR\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckeybroker/v1/resources.proto\x12\x0ckeybroker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x01\n\x05Grant\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12+\n\noperations\x18\x02 \x03(\x0e\x32\x17.keybroker.v1.Operation\x12\x31\n\x07\x63ontext\x18\x03 \x03(\x0b\x32 .keybroker.v1.Grant.ContextEntry\x12\x30\n\rmax_token_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tcountries\x18\x05 \x03(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"O\n\tKeyPolicy\x12#\n\x06grants\x18\x01 \x03(\x0b\x32\x13.keybroker.v1.Grant\x12\x1d\n\x15\x61llowed_jurisdictions\x18\x02 \x03(\t\"\xe4\x03\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.keybroker.v1.KeyState\x12\x17\n\x0fprimary_version\x18\x04 \x01(\r\x12*\n\x08versions\x18\x05 \x03(\x0b\x32\x18.keybroker.v1.KeyVersion\x12\x1e\n\x16min_decryption_version\x18\x06 \x01(\r\x12\'\n\x06policy\x18\x07 \x01(\x0b\x32\x17.keybroker.v1.KeyPolicy\x12\x0b\n\x03hsm\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frotation_period\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x12next_rotation_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroy_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x08hsm_info\x18\r \x01(\x0b\x32\x15.keybroker.v1.HsmInfo\"?\n\x07HsmInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cjurisdiction\x18\x02 \x01(\t\x12\x10\n\x08operator\x18\x03 \x01(\t\"\xb8\x03\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x11\n\toperation\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x13\n\x0bkey_version\x18\x06 \x01(\r\x12\x10\n\x08token_id\x18\x07 \x01(\t\x12\x36\n\x07\x63ontext\x18\x08 \x03(\x0b\x32%.keybroker.v1.AuditEvent.ContextEntry\x12\x15\n\rjustification\x18\t \x01(\t\x12&\n\x07outcome\x18\n \x01(\x0e\x32\x15.keybroker.v1.Outcome\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x11\n\tprev_hash\x18\r \x01(\t\x12\x0c\n\x04hash\x18\x0e \x01(\t\x12\r\n\x05\x63hain\x18\x0f \x01(\t\x12\x16\n\x0e\x63hain_sequence\x18\x10 \x01(\x04\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x90\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12!\n\x1dKEY_STATE_PENDING_DESTRUCTION\x10\x03\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x04*j\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x15\n\x11OPERATION_ENCRYPT\x10\x01\x12\x15\n\x11OPERATION_DECRYPT\x10\x02\x12\x14\n\x10OPERATION_REWRAP\x10\x03*^\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_ALLOWED\x10\x01\x12\x12\n\x0eOUTCOME_DENIED\x10\x02\x12\x11\n\rOUTCOME_ERROR\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRANT_CONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_AUDITEVENT_CONTEXTENTRY']._loaded_options = None
   _globals['_AUDITEVENT_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_KEYSTATE']._serialized_start=1385
-  _globals['_KEYSTATE']._serialized_end=1529
-  _globals['_OPERATION']._serialized_start=1531
-  _globals['_OPERATION']._serialized_end=1637
-  _globals['_OUTCOME']._serialized_start=1639
-  _globals['_OUTCOME']._serialized_end=1733
+  _globals['_KEYSTATE']._serialized_start=1510
+  _globals['_KEYSTATE']._serialized_end=1654
+  _globals['_OPERATION']._serialized_start=1656
+  _globals['_OPERATION']._serialized_end=1762
+  _globals['_OUTCOME']._serialized_start=1764
+  _globals['_OUTCOME']._serialized_end=1858
   _globals['_KEYVERSION']._serialized_start=111
   _globals['_KEYVERSION']._serialized_end=189
   _globals['_GRANT']._serialized_start=192
-  _globals['_GRANT']._serialized_end=412
-  _globals['_GRANT_CONTEXTENTRY']._serialized_start=366
-  _globals['_GRANT_CONTEXTENTRY']._serialized_end=412
-  _globals['_KEYPOLICY']._serialized_start=414
-  _globals['_KEYPOLICY']._serialized_end=493
-  _globals['_KEY']._serialized_start=496
-  _globals['_KEY']._serialized_end=939
-  _globals['_AUDITEVENT']._serialized_start=942
-  _globals['_AUDITEVENT']._serialized_end=1382
-  _globals['_AUDITEVENT_CONTEXTENTRY']._serialized_start=366
-  _globals['_AUDITEVENT_CONTEXTENTRY']._serialized_end=412
+  _globals['_GRANT']._serialized_end=431
+  _globals['_GRANT_CONTEXTENTRY']._serialized_start=385
+  _globals['_GRANT_CONTEXTENTRY']._serialized_end=431
+  _globals['_KEYPOLICY']._serialized_start=433
+  _globals['_KEYPOLICY']._serialized_end=512
+  _globals['_KEY']._serialized_start=515
+  _globals['_KEY']._serialized_end=999
+  _globals['_HSMINFO']._serialized_start=1001
+  _globals['_HSMINFO']._serialized_end=1064
+  _globals['_AUDITEVENT']._serialized_start=1067
+  _globals['_AUDITEVENT']._serialized_end=1507
+  _globals['_AUDITEVENT_CONTEXTENTRY']._serialized_start=385
+  _globals['_AUDITEVENT_CONTEXTENTRY']._serialized_end=431
 # @@protoc_insertion_point(module_scope)

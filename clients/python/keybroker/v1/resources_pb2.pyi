@@ -55,7 +55,7 @@ class KeyVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("principal", "operations", "context", "max_token_ttl")
+    __slots__ = ("principal", "operations", "context", "max_token_ttl", "countries")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,11 +67,13 @@ class Grant(_message.Message):
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_TTL_FIELD_NUMBER: _ClassVar[int]
+    COUNTRIES_FIELD_NUMBER: _ClassVar[int]
     principal: str
     operations: _containers.RepeatedScalarFieldContainer[Operation]
     context: _containers.ScalarMap[str, str]
     max_token_ttl: _duration_pb2.Duration
-    def __init__(self, principal: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., context: _Optional[_Mapping[str, str]] = ..., max_token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    countries: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, principal: _Optional[str] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., context: _Optional[_Mapping[str, str]] = ..., max_token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., countries: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeyPolicy(_message.Message):
     __slots__ = ("grants", "allowed_jurisdictions")
@@ -82,7 +84,7 @@ class KeyPolicy(_message.Message):
     def __init__(self, grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., allowed_jurisdictions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Key(_message.Message):
-    __slots__ = ("key_id", "description", "state", "primary_version", "versions", "min_decryption_version", "policy", "hsm", "create_time", "rotation_period", "next_rotation_time", "destroy_time")
+    __slots__ = ("key_id", "description", "state", "primary_version", "versions", "min_decryption_version", "policy", "hsm", "create_time", "rotation_period", "next_rotation_time", "destroy_time", "hsm_info")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,7 @@ class Key(_message.Message):
     ROTATION_PERIOD_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROTATION_TIME_FIELD_NUMBER: _ClassVar[int]
     DESTROY_TIME_FIELD_NUMBER: _ClassVar[int]
+    HSM_INFO_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     description: str
     state: KeyState
@@ -107,7 +110,18 @@ class Key(_message.Message):
     rotation_period: _duration_pb2.Duration
     next_rotation_time: _timestamp_pb2.Timestamp
     destroy_time: _timestamp_pb2.Timestamp
-    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., min_decryption_version: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., hsm: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rotation_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., next_rotation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., destroy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    hsm_info: HsmInfo
+    def __init__(self, key_id: _Optional[str] = ..., description: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., primary_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[KeyVersion, _Mapping]]] = ..., min_decryption_version: _Optional[int] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., hsm: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rotation_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., next_rotation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., destroy_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hsm_info: _Optional[_Union[HsmInfo, _Mapping]] = ...) -> None: ...
+
+class HsmInfo(_message.Message):
+    __slots__ = ("name", "jurisdiction", "operator")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JURISDICTION_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    jurisdiction: str
+    operator: str
+    def __init__(self, name: _Optional[str] = ..., jurisdiction: _Optional[str] = ..., operator: _Optional[str] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("sequence", "time", "principal", "operation", "key_id", "key_version", "token_id", "context", "justification", "outcome", "reason", "request_id", "prev_hash", "hash", "chain", "chain_sequence")

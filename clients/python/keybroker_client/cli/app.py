@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from keybroker_client.cli import audit, crypto, files, keys, tokens
+from keybroker_client.cli import approvals, audit, crypto, files, keys, rewrap, tokens
 from keybroker_client.cli.completion import completion
 from keybroker_client.cli.errors import ErrorReportingGroup
 from keybroker_client.cli.state import State
@@ -19,8 +19,9 @@ from keybroker_client.client import DEFAULT_TIMEOUT
 )
 @click.option(
     "--target",
-    metavar="HOST:PORT",
-    help="Broker address [env KEYBROKER_TARGET; default HOME/listen.addr, else 127.0.0.1:50051].",
+    metavar="HOST:PORT[,...]",
+    help="Broker address; several interchangeable brokers as a:1,b:2 (calls fail over where "
+    "safe) [env KEYBROKER_TARGET; default HOME/listen.addr, else 127.0.0.1:50051].",
 )
 @click.option("--ca", metavar="PEM", help="CA certificate [env KEYBROKER_CA; HOME/pki/ca.pem].")
 @click.option(
@@ -75,12 +76,16 @@ def cli(
 
 
 cli.add_command(keys.keys)
+cli.add_command(keys.verify_receipt)
 for command in crypto.COMMANDS:
     cli.add_command(command)
 for command in files.COMMANDS:
     cli.add_command(command)
+for command in rewrap.COMMANDS:
+    cli.add_command(command)
 cli.add_command(tokens.token)
 cli.add_command(audit.audit)
+cli.add_command(approvals.approvals)
 cli.add_command(completion)
 
 

@@ -29,6 +29,12 @@ AUDIT_OPERATIONS = (
     "UpdateKeyPolicy",
     "EnableKey",
     "DisableKey",
+    "ScheduleKeyDestruction",
+    "CancelKeyDestruction",
+    "DestroyKey",
+    "GetDestructionReceipt",
+    "SetMinDecryptionVersion",
+    "GetKeyUsage",
     "GenerateDataKey",
     "Encrypt",
     "Decrypt",
@@ -38,6 +44,13 @@ AUDIT_OPERATIONS = (
     "ListAuditEvents",
     "VerifyAuditLog",
     "ExportAuditLog",
+    "RequestApproval",
+    "ApproveRequest",
+    "ApplyApprovedChange",
+    "ExpireApprovalRequest",
+    "CancelApprovalRequest",
+    "GetApprovalRequest",
+    "ListApprovalRequests",
 )
 
 

@@ -75,16 +75,24 @@ RPC_COMMANDS = {
     "DisableKey": "keys disable",
     "ScheduleKeyDestruction": "keys schedule-destruction",
     "CancelKeyDestruction": "keys cancel-destruction",
+    "SetMinDecryptionVersion": "keys retire",
+    "GetKeyUsage": "keys usage",
+    "GetDestructionReceipt": "keys receipt",
     "GenerateDataKey": "datakey",
     "Encrypt": "encrypt",
     "Decrypt": "decrypt",
     "ReWrap": "rewrap",
+    "ReWrapStream": "rewrap-file",
     "IssueToken": "token issue",
     "RevokeToken": "token revoke",
     "GetSigningKeys": "token jwks",
     "ListAuditEvents": "audit list",
     "VerifyAuditLog": "audit verify",
     "ExportAuditLog": "audit export",
+    "ApproveRequest": "approvals approve",
+    "GetApprovalRequest": "approvals show",
+    "ListApprovalRequests": "approvals list",
+    "CancelApprovalRequest": "approvals cancel",
 }
 # A qualified method anywhere ("Tokens.IssueToken"), or a bare one after "use"/"with": other
 # occurrences of a bare name ("Decrypt denied") are not hints and stay.
@@ -108,11 +116,12 @@ def cli_hints(message: str) -> str:
 
 
 def is_local_target(target: str | None) -> bool:
-    """Whether ``target`` is this machine: only then can `make run` be the fix."""
+    """Whether ``target`` (every broker of ``a:1,b:2``) is this machine: only then can
+    `make run` be the fix."""
     if not target:
         return True
-    host = target.rsplit(":", 1)[0].strip("[]").lower()
-    return host in {"localhost", "::1", ""} or host.startswith("127.")
+    hosts = [t.strip().rsplit(":", 1)[0].strip("[]").lower() for t in target.split(",")]
+    return all(h in {"localhost", "::1", ""} or h.startswith("127.") for h in hosts)
 
 
 def describe(exc: KeybrokerError, state: State | None) -> str:

@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 import click
 
 from keybroker_client.cli.state import get_state
-from keybroker_client.parsing import parse_context, parse_duration, parse_time, policy_from_grants
+from keybroker_client.parsing import (
+    parse_caller_countries,
+    parse_context,
+    parse_duration,
+    parse_time,
+    policy_from_grants,
+)
 from keybroker_client.types import KeyPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -110,11 +116,34 @@ def blob_options(func: F) -> F:
     )(func)
 
 
+def caller_country_option(func: F) -> F:
+    """Adds a repeatable ``--caller-country PRINCIPAL=CC[,CC]``, passed as a tuple of str."""
+    return click.option(
+        "--caller-country",
+        "caller_countries",
+        multiple=True,
+        metavar="PRINCIPAL=CC[,CC]",
+        help="The grants of PRINCIPAL apply only to a client certificate whose subject "
+        "country (C=) is one of CC, e.g. analyst=FR,DE; repeat for several principals.",
+    )(func)
+
+
 def policy_from_options(
-    grants: tuple[str, ...], jurisdictions: tuple[str, ...], max_token_ttl: timedelta | None
+    grants: tuple[str, ...],
+    jurisdictions: tuple[str, ...],
+    max_token_ttl: timedelta | None,
+    caller_countries: tuple[str, ...] = (),
 ) -> KeyPolicy:
-    """The policy from ``--grant``, ``--jurisdiction`` and ``--max-token-ttl``."""
+    """The policy from ``--grant``, ``--jurisdiction``, ``--max-token-ttl`` and
+    ``--caller-country``."""
     try:
-        return policy_from_grants(grants, jurisdictions, max_token_ttl=max_token_ttl)
+        return policy_from_grants(
+            grants,
+            jurisdictions,
+            max_token_ttl=max_token_ttl,
+            caller_countries=parse_caller_countries(caller_countries),
+        )
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--grant/--jurisdiction") from None
+        raise click.BadParameter(
+            str(exc), param_hint="--grant/--jurisdiction/--caller-country"
+        ) from None

@@ -57,6 +57,7 @@ def grant_to_dict(grant: Grant) -> dict[str, Any]:
         "operations": [op.value for op in grant.operations],
         "context": dict(sorted(grant.context.items())),
         "max_token_ttl": duration_text(grant.max_token_ttl),
+        "countries": list(grant.countries),
     }
 
 
@@ -76,6 +77,15 @@ def key_to_dict(key: Key) -> dict[str, Any]:
             "allowed_jurisdictions": list(key.policy.allowed_jurisdictions),
         },
         "hsm": key.hsm,
+        "hsm_info": (
+            None
+            if key.hsm_info is None
+            else {
+                "name": key.hsm_info.name,
+                "jurisdiction": key.hsm_info.jurisdiction,
+                "operator": key.hsm_info.operator,
+            }
+        ),
         "create_time": time_text(key.create_time),
         "rotation_period": duration_text(key.rotation_period),
         "next_rotation_time": time_text(key.next_rotation_time),
@@ -87,6 +97,7 @@ def key_text(key: Key) -> str:
     """A Key as a few aligned lines for people."""
     data = key_to_dict(key)
     jurisdictions = ", ".join(data["policy"]["allowed_jurisdictions"]) or "EU/EEA (default)"
+    info = data["hsm_info"]
     rows = [
         ("key_id", data["key_id"]),
         ("description", data["description"] or "-"),
@@ -95,6 +106,8 @@ def key_text(key: Key) -> str:
         ("versions", ", ".join(str(v["version"]) for v in data["versions"]) or "-"),
         ("min_decryption_version", str(data["min_decryption_version"])),
         ("hsm", data["hsm"] or "-"),
+        ("hsm_jurisdiction", info["jurisdiction"] if info else "unknown (HSM not configured here)"),
+        ("hsm_operator", info["operator"] if info else "unknown"),
         ("jurisdictions", jurisdictions),
         ("created", data["create_time"] or "-"),
         ("rotation_period", data["rotation_period"] or "-"),
@@ -111,6 +124,8 @@ def key_text(key: Key) -> str:
             parts.append(terminal_safe(context))
         if grant["max_token_ttl"]:
             parts.append(f"max_token_ttl={grant['max_token_ttl']}")
+        if grant["countries"]:
+            parts.append(terminal_safe(f"caller_country={','.join(grant['countries'])}"))
         lines.append("  ".join(parts))
     return "\n".join(lines)
 
