@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from broker.adapters.sql_common import (
@@ -76,7 +77,24 @@ _LOCK = (
     f"SELECT pg_advisory_xact_lock({AUDIT_APPEND_LOCK})"
 )
 _INSERT_EVENT = postgres(INSERT_EVENT) + " RETURNING sequence"
+_RESYNC = (
+    "SELECT setval(pg_get_serial_sequence('audit_events', 'sequence'), max(sequence)) "
+    "FROM audit_events"
+)
 _CURSORS = itertools.count(1)
+
+
+def _insert_events(conn: psycopg.Connection[Any], params: list[tuple[Any, ...]]) -> list[int]:
+    """Inserts the batch's rows; returns the sequence each got, in order."""
+    with conn.cursor() as cur:
+        cur.executemany(_INSERT_EVENT, params, returning=True)
+        sequences = []
+        while True:
+            row = cur.fetchone()
+            assert row is not None  # one row per INSERT ... RETURNING
+            sequences.append(int(row[0]))
+            if not cur.nextset():
+                return sequences
 
 
 class PostgresSnapshot:
@@ -118,24 +136,25 @@ class PostgresAudit:
     _pool: ConnectionPool[Any]
 
     def append_batch(self, events: Sequence[AuditEvent]) -> list[int]:
+        params = [event_params(e) for e in events]
         try:
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute(_LOCK)  # see the module's docstring: sequence order = commit order
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        _INSERT_EVENT, [event_params(e) for e in events], returning=True
-                    )
-                    sequences = []
-                    while True:
-                        row = cur.fetchone()
-                        assert row is not None  # one row per INSERT ... RETURNING
-                        sequences.append(int(row[0]))
-                        if not cur.nextset():
-                            break
+                try:
+                    with conn.transaction():  # a savepoint: the batch may be tried once more
+                        return _insert_events(conn, params)
+                except pg_errors.UniqueViolation as exc:
+                    if exc.diag.constraint_name != "audit_events_pkey":
+                        raise
+                # A row written outside the broker with a sequence of its own (by hand, or
+                # copied in) is ahead of the identity sequence, which would otherwise fail
+                # every later append. Under the lock nobody else draws: move past it.
+                log.warning("audit sequence behind rows written outside the broker; moved past")
+                conn.execute(_RESYNC)
+                return _insert_events(conn, params)
         except psycopg.Error as exc:
             log.error("audit append failed", extra={"error": type(exc).__name__})
             raise AuditUnavailable(AUDIT_UNAVAILABLE) from exc
-        return sequences
 
     def add_chain(self, record: Record) -> None:
         self._side_write(INSERT_CHAIN, chain_params(record))

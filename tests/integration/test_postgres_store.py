@@ -26,7 +26,7 @@ from broker.transport.server import HealthMonitor
 from tests.broker_fixtures import start_broker
 from tests.integration.audit_helpers import verify
 from tests.integration.flows import CTX, code_of, create_key, datakey
-from tests.store_fixtures import RUN, admin, open_store, store_url
+from tests.store_fixtures import RUN, admin, connect, open_store, store_url
 
 pytestmark = pytest.mark.postgres
 
@@ -96,6 +96,23 @@ def test_an_append_waits_for_the_batch_before_it_to_commit(
     with store.snapshot() as snap:
         seen = [r["sequence"] for r in snap.events()]
     assert seen == [theirs, ours[0]]
+
+
+def test_a_row_written_by_hand_ahead_of_the_sequence_does_not_stop_the_trail(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    [first] = store.append_batch([event("a", 1)])
+    with connect(tmp_path / "pg.db") as db:
+        db.execute(
+            "INSERT INTO audit_events (sequence, chain, chain_sequence, time, principal, "
+            "operation, key_id, key_version, token_id, context, justification, outcome, reason, "
+            "request_id, prev_hash, hash) VALUES (?, 'by-hand', 1, 't', 'p', 'Decrypt', 'k', 1, "
+            "'', '{}', '', 'allowed', '', 'r', '', '')",
+            (first + 5,),
+        )
+    # The sequence reaches the row: that append moves past it rather than failing.
+    got = [store.append_batch([event("a", n)])[0] for n in range(2, 8)]
+    assert first + 5 not in got and got == sorted(got) and got[-1] > first + 5
 
 
 def test_the_audit_sequence_caches_no_values(store: PostgresStore) -> None:
