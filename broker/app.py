@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from broker import devhsm
 from broker.adapters.audit_sinks import QueuedSink, SinkFanout, open_sinks
@@ -95,12 +97,30 @@ def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, H
         library = libraries[module]
         if cfg.softhsm_init:
             assert cfg.pin_file is not None
-            devhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
+            _start_retrying(
+                cfg.name,
+                partial(
+                    devhsm.ensure_token,
+                    settings.home,
+                    cfg.token_label,
+                    cfg.pin_file,
+                    library=library,
+                ),
+            )
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
         observer = metrics.hsm_operation if metrics is not None else None
-        hsm: Hsm = Pkcs11Hsm(
-            library, cfg.token_label, cfg.read_pin(), info, cfg.pool_size, observer=observer
-        )
+        pin = cfg.read_pin()
+        try:
+            hsm: Hsm = _start_retrying(
+                cfg.name,
+                partial(
+                    Pkcs11Hsm, library, cfg.token_label, pin, info, cfg.pool_size, observer=observer
+                ),
+            )
+        except Unavailable as exc:
+            for opened in hsms.values():
+                opened.close()
+            raise RuntimeError(f"HSM {cfg.name!r} (token {cfg.token_label!r}): {exc}") from exc
         try:
             hsm = with_faults(hsm, cfg)  # tests only: docs/operations.md
             _first_check(hsm)
@@ -116,8 +136,27 @@ def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, H
     return hsms
 
 
+_T = TypeVar("_T")
+
 #: Pauses between the start's attempts to reach an HSM (seconds).
 START_RETRY_DELAYS = (0.5, 1.0, 2.0)
+
+
+def _start_retrying(name: str, attempt: Callable[[], _T]) -> _T:
+    """`attempt()`, tried again after the START_RETRY_DELAYS while the HSM is unavailable
+    (not when it refuses the PIN): SoftHSM2 answers CKR_GENERAL_ERROR to a token listing while
+    a sibling worker rewrites the token's files."""
+    for delay in (*START_RETRY_DELAYS, None):
+        try:
+            return attempt()
+        except HsmPinRefused:
+            raise
+        except Unavailable as exc:
+            if delay is None:
+                raise
+            log.warning("HSM %s not reachable at start (%s); retrying", name, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _first_check(hsm: Hsm) -> None:

@@ -514,7 +514,7 @@ def context_json(context: Mapping[str, str]) -> str:
         return "{}"
     items = sorted(context.items())
     if not all(type(k) is str and type(v) is str for k, v in items):
-        return json.dumps(dict(items), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return _canonical_json(dict(items))
     return "{" + ",".join([_json_str(k) + ":" + _json_str(v) for k, v in items]) + "}"
 
 
@@ -573,13 +573,21 @@ def _json_str(value: str) -> str:
     """A string as JSON exactly as `json.dumps(..., ensure_ascii=False)` writes it."""
     if isinstance(value, str):
         return _encode_basestring(value)
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)  # not a string: as JSON would
+    return _canonical_json(value)  # not a string: as the canonical JSON writes it
 
 
 def _json_int(value: int) -> str:
     if type(value) is int:
         return int.__repr__(value)
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return _canonical_json(value)
+
+
+def _canonical_json(value: object) -> str:
+    """Any other value exactly as `keybroker_client.evidence.canonical` writes it (no spaces
+    in a list or object, UTF-8, no NaN)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def event_record(event: AuditEvent) -> evidence.Record:

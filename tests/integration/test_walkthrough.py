@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from broker.config import DEV_IDENTITIES
+from broker.devpki import ensure_dev_pki
 from tests.integration.test_server_process import start, stop, wait_ready
 
 CLI = [sys.executable, "-c", "from keybroker_client.cli import main; main()"]
@@ -194,6 +196,8 @@ def test_usage_errors_and_ctrl_c_as_a_user_sees_them(tmp_path: Path) -> None:
     r = kb(tmp_path, "audit", "list", "--since", "yesterday")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     # Ctrl-C while `encrypt` waits for its payload on stdin: 130, not 1 ("did not verify").
+    # The PEM files are checked before anything is read, so the CLI needs a development PKI.
+    ensure_dev_pki(tmp_path / "var" / "pki", DEV_IDENTITIES)
     proc = subprocess.Popen(
         [*CLI, "encrypt", "patients"],
         cwd=tmp_path,

@@ -214,10 +214,15 @@ def test_a_grant_naming_countries_admits_only_their_certificates(rig: Rig) -> No
     german = Caller("consumer", CONSUMER.cert_thumbprint, "r6", country="DE")
     french = Caller("consumer", CONSUMER.cert_thumbprint, "r7", country="FR")
     issue(rig, german, {})
-    with pytest.raises(PermissionDenied, match="requires a client certificate from DE, AT"):
+    with pytest.raises(PermissionDenied) as refused:
         issue(rig, french, {})
-    with pytest.raises(PermissionDenied, match="names no country"):
+    assert refused.value.message == (
+        "principal 'consumer''s decrypt grant on key 'k' requires a client certificate from "
+        "DE, AT; this certificate names country 'FR'"
+    )
+    with pytest.raises(PermissionDenied) as unplaced:
         issue(rig, CONSUMER, {})
+    assert unplaced.value.message.endswith("; this certificate names no country (C=)")
 
 
 def test_an_admin_s_token_for_another_subject_meets_the_countries_at_use(rig: Rig) -> None:
@@ -258,8 +263,11 @@ def test_the_jurisdiction_is_checked_at_use_not_only_at_creation(rig: Rig) -> No
         lambda: rig.crypto.generate_data_key(PRODUCER, "k", {"d": "x"}),
         lambda: rig.keys.rotate(ADMIN, "k"),
     ):
-        with pytest.raises(PermissionDenied, match="jurisdiction 'US'"):
+        with pytest.raises(PermissionDenied) as refused:
             call()
+        assert refused.value.message.startswith(
+            "key 'k' may not be held or used in jurisdiction 'US' (HSM 'local')"
+        )
     outcomes = [(e.operation, e.outcome) for e in rig.events()[-4:]]
     assert outcomes == [
         ("Decrypt", Outcome.DENIED),
@@ -444,8 +452,19 @@ def test_a_token_for_a_disabled_key_or_a_bad_key_id_is_refused(rig: Rig) -> None
     with pytest.raises(InvalidArgument, match="key_id"):
         rig.tokens.issue(CONSUMER, "K!", {}, "why", None)
     # No key of that id: refused like a key without the caller's grant (no existence oracle).
-    with pytest.raises(PermissionDenied, match="has no decrypt grant on key 'nokey'"):
+    with pytest.raises(PermissionDenied) as missing:
         rig.tokens.issue(CONSUMER, "nokey", {}, "why", None)
+    assert missing.value.message.startswith(
+        "principal 'consumer' has no decrypt grant on key 'nokey' (or there is no such key); "
+        "ask an admin to check the key id and the key's policy"
+    )
+    assert rig.last().reason.startswith("no key 'nokey' exists")
+    with pytest.raises(PermissionDenied) as ungranted:
+        rig.tokens.issue(PRODUCER, "k", {}, "why", None)
+    assert ungranted.value.message == missing.value.message.replace("consumer", "producer").replace(
+        "nokey", "k"
+    )
+    assert rig.last().reason == "principal 'producer' has no decrypt grant on key 'k'"
     with pytest.raises(NotFound, match="key 'nokey' not found"):
         rig.tokens.issue(ADMIN, "nokey", {}, "why", None)
     with pytest.raises(InvalidArgument, match="context"):
@@ -574,7 +593,9 @@ def test_a_token_for_a_key_gone_from_the_store_is_refused(rig: Rig) -> None:
     rig.store.revoked_and_key = lambda token_id, key_id: (  # type: ignore[method-assign]
         (False, None) if key_id == "j" else real(token_id, key_id)
     )
-    with pytest.raises(PermissionDenied, match="has no decrypt grant on key 'j'"):
+    with pytest.raises(
+        PermissionDenied, match="principal 'consumer' has no decrypt grant on key 'j'"
+    ):
         rig.tokens.authorize(rig.draft(), token_j, "j", 1, {})
     rig.tokens.authorize(rig.draft(), token, "k", 1, {})
 
@@ -852,3 +873,295 @@ def test_audit_reads_refuse_impossible_ranges(rig: Rig) -> None:
             rig.reader.export(AUDITOR, after)
     assert list(rig.reader.list(AUDITOR, AuditFilter(after_sequence=2**63 - 2))) == []
     list(rig.reader.export(AUDITOR, 2**63 - 2))
+
+
+# Token settings, observer, cache ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"max_ttl": timedelta(seconds=1), "default_ttl": timedelta(seconds=1)},
+        {"max_ttl": timedelta(hours=1), "default_ttl": timedelta(hours=1)},
+        {"leeway": timedelta(0)},
+        {"leeway": timedelta(seconds=5)},
+        {"max_uses": 0},
+        {"max_uses": 10_000},
+    ],
+)
+def test_token_settings_at_the_contract_s_bounds(changes: dict[str, Any]) -> None:
+    settings = TokenSettings(issuer=ISSUER, audience=AUDIENCE, **changes)
+    assert all(getattr(settings, name) == value for name, value in changes.items())
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"audience": ""},
+        {"max_ttl": timedelta(milliseconds=999), "default_ttl": timedelta(milliseconds=999)},
+        {"default_ttl": timedelta(milliseconds=999)},
+        {"default_ttl": timedelta(minutes=2), "max_ttl": timedelta(minutes=1)},
+        {"leeway": timedelta(microseconds=-1)},
+        {"max_uses": -1},
+    ],
+)
+def test_token_settings_beyond_the_bounds(changes: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        TokenSettings(**{"issuer": ISSUER, "audience": AUDIENCE, **changes})
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def issued(self) -> None:
+        self.seen.append(("issued", ""))
+
+    def refused(self, stage: str, error: Exception) -> None:
+        self.seen.append((stage, type(error).__name__))
+
+
+def test_the_observer_hears_of_issued_and_refused_tokens(rig: Rig) -> None:
+    observer = Observer()
+    rig.tokens._observer = observer
+    with_key(rig, decrypt_grant("consumer", {"d": "x"}))
+    token, _ = issue(rig, CONSUMER, {"d": "x"})
+    with pytest.raises(PermissionDenied):
+        issue(rig, CONSUMER, {"d": "y"})
+    rig.tokens.authorize(rig.draft(), token, "k", 1, {"d": "x"})
+    with pytest.raises(PermissionDenied):
+        rig.tokens.authorize(rig.draft(), token, "k", 1, {"d": "y"})
+    assert observer.seen == [
+        ("issued", ""),
+        ("issue", "PermissionDenied"),
+        ("use", "PermissionDenied"),
+    ]
+
+
+def test_an_observer_is_passed_at_construction(tmp_path: Path) -> None:
+    from broker.services.token_cache import VerifiedTokenCache
+
+    r = make_rig(tmp_path)
+    try:
+        observer, cache = Observer(), VerifiedTokenCache()
+        tokens = TokenService(
+            TokenSettings(issuer=ISSUER, audience=AUDIENCE),
+            keys=r.store,
+            revocations=r.store,
+            access=r.access,
+            audit=r.audit,
+            limiter=RateLimiter(0, 1),
+            clock=r.clock,
+            signing=r.tokens._signing,
+            verified=cache,
+            observer=observer,
+        )
+        with_key(r, decrypt_grant("consumer"))
+        token, _ = tokens.issue(CONSUMER, "k", {}, "why", None)
+        assert observer.seen == [("issued", "")]
+        assert len(cache) == 0
+        tokens.verify(token, CONSUMER)
+        assert len(cache) == 1  # the cache given is the one used
+    finally:
+        r.audit.close()
+
+
+def test_each_token_is_verified_as_itself(rig: Rig) -> None:
+    with_key(rig, decrypt_grant("consumer"), decrypt_grant("other"))
+    first, one = issue(rig, CONSUMER, {})
+    second, two = issue(rig, CONSUMER, {})
+    assert rig.tokens.verify(first, CONSUMER).token_id == one.token_id
+    assert rig.tokens.verify(second, CONSUMER).token_id == two.token_id
+    theirs, _ = issue(rig, OTHER, {})
+    with pytest.raises(Unauthenticated, match="another client certificate"):
+        rig.tokens.verify(theirs, CONSUMER)
+
+
+def claims_at(rig: Rig, **times: datetime) -> TokenClaims:
+    now = rig.clock.now()
+    base = {"issued_at": now, "not_before": now, "expires_at": now + timedelta(minutes=5)}
+    return TokenClaims(
+        token_id="t-times",
+        subject="consumer",
+        key_id="k",
+        operations=frozenset({Operation.DECRYPT}),
+        context={},
+        justification="why",
+        cert_thumbprint=CONSUMER.cert_thumbprint,
+        **{**base, **times},
+    )
+
+
+def test_not_before_and_issued_at_are_each_checked(rig: Rig) -> None:
+    later = rig.clock.now() + timedelta(seconds=6)
+    for field in ("not_before", "issued_at"):
+        token = rig.tokens._sign(claims_at(rig, **{field: later}))
+        with pytest.raises(Unauthenticated, match="not valid yet"):
+            rig.tokens.verify(token, CONSUMER)
+    edge = rig.clock.now() + timedelta(seconds=5)
+    token = rig.tokens._sign(claims_at(rig, not_before=edge, issued_at=edge))
+    assert rig.tokens.verify(token, CONSUMER).not_before == edge
+
+
+def test_time_is_the_injected_clock_s_not_the_machine_s(rig: Rig) -> None:
+    # Far ahead of the machine's clock: a library check against the real time would refuse.
+    rig.clock.t = datetime(2099, 1, 1, tzinfo=UTC)
+    with_key(rig, decrypt_grant("consumer"))
+    token, claims = issue(rig, CONSUMER, {})
+    assert rig.tokens.verify(token, CONSUMER).issued_at == datetime(2099, 1, 1, tzinfo=UTC)
+    assert claims.not_before == datetime(2099, 1, 1, tzinfo=UTC)
+
+
+def test_a_token_naming_a_list_of_audiences_is_refused(rig: Rig) -> None:
+    import json
+
+    claims = claims_at(rig)
+    payload = json.loads(encode_payload(claims, ISSUER, AUDIENCE))
+    payload["aud"] = [AUDIENCE]
+    token = rig.tokens._signing.sign_jws(
+        TOKEN_PURPOSE, json.dumps(payload).encode(), {"typ": TOKEN_TYPE}
+    )
+    with pytest.raises(Unauthenticated, match="token is invalid"):
+        rig.tokens.verify(token, CONSUMER)
+
+
+@pytest.mark.parametrize(
+    "missing", ["iss", "sub", "aud", "iat", "nbf", "exp", "jti", "scope", "cnf"]
+)
+def test_a_token_missing_a_required_claim_is_refused(rig: Rig, missing: str) -> None:
+    import json
+
+    payload = json.loads(encode_payload(claims_at(rig), ISSUER, AUDIENCE))
+    del payload[missing]
+    token = rig.tokens._signing.sign_jws(
+        TOKEN_PURPOSE, json.dumps(payload).encode(), {"typ": TOKEN_TYPE}
+    )
+    with pytest.raises(Unauthenticated, match="token is invalid"):
+        rig.tokens.verify(token, CONSUMER)
+
+
+# Key states and rate limiter ----------------------------------------------------------------
+
+
+def test_a_key_that_cannot_be_used_says_why(rig: Rig) -> None:
+    from broker.domain import KeyState
+
+    with_key(rig, decrypt_grant("consumer"))
+    key = rig.store.get_key("k")
+    Access.require_usable(key)
+    expected = {
+        KeyState.DISABLED: "key 'k' is disabled; an admin must enable it first",
+        KeyState.PENDING_DESTRUCTION: "key 'k' is pending destruction",
+        KeyState.DESTROYED: (
+            "key 'k' is destroyed: its HSM objects no longer exist, so nothing under it can "
+            "be decrypted"
+        ),
+    }
+    for state, message in expected.items():
+        with pytest.raises(FailedPrecondition) as refused:
+            Access.require_usable(key.evolve(state=state))
+        assert refused.value.message == message
+
+
+def test_a_version_below_the_minimum_or_unknown_does_not_decrypt(rig: Rig) -> None:
+    with_key(rig, decrypt_grant("consumer"))
+    rig.keys.rotate(ADMIN, "k")
+    key = rig.store.get_key("k")
+    assert rig.access.decrypting_version(key, 1) == (rig.hsm, key.version(1).hsm_label)  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition, match="retired"):
+        rig.access.decrypting_version(key.evolve(min_decryption_version=2), 1)
+    assert rig.access.decrypting_version(key.evolve(min_decryption_version=2), 2)[0] is rig.hsm
+    with pytest.raises(NotFound, match="has no version 3"):
+        rig.access.decrypting_version(key, 3)
+
+
+class FrozenTime:
+    """`time.monotonic` for the rate limiter, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> FrozenTime:
+    import broker.services.access as access_module
+
+    clock = FrozenTime()
+    monkeypatch.setattr(access_module, "time", clock)
+    return clock
+
+
+def test_the_rate_limiter_allows_exactly_the_burst_then_refills(frozen: FrozenTime) -> None:
+    limiter = RateLimiter(2.0, 3)
+    for _ in range(3):
+        limiter.check("a")
+    for _ in range(2):  # refused again and again, without refilling anything
+        with pytest.raises(ResourceExhausted, match="rate limit of 2 requests per second"):
+            limiter.check("a")
+    frozen.now += 0.5  # one request's worth at 2 per second
+    limiter.check("a")
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+    frozen.now += 100  # never more than the burst
+    for _ in range(3):
+        limiter.check("a")
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+
+
+def test_the_rate_limiter_charges_batches_up_to_the_burst(frozen: FrozenTime) -> None:
+    limiter = RateLimiter(1.0, 4)
+    limiter.check("a", cost=3)
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a", cost=2)
+    limiter.check("a", cost=0)  # at least one
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+    frozen.now += 4
+    limiter.check("a", cost=100)  # a full batch passes, costing the whole burst
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+
+
+@pytest.mark.parametrize("burst", [0, 1])
+def test_a_burst_below_one_allows_one(frozen: FrozenTime, burst: int) -> None:
+    limiter = RateLimiter(1.0, burst)
+    limiter.check("a")
+    with pytest.raises(ResourceExhausted):
+        limiter.check("a")
+    RateLimiter(0, 0).check("a")
+    RateLimiter(-1, 0).check("a")
+
+
+def test_an_admin_s_token_for_a_key_gone_from_the_store_is_not_found(rig: Rig) -> None:
+    with_key(rig, decrypt_grant("admin"))
+    token, _ = issue(rig, ADMIN, {})
+    rig.store.revoked_and_key = lambda token_id, key_id: (False, None)  # type: ignore[method-assign]
+    with pytest.raises(NotFound, match="key 'k' not found"):
+        rig.tokens.authorize(rig.draft(ADMIN), token, "k", 1, {})
+
+
+def test_a_single_use_token_counts_its_use(rig: Rig) -> None:
+    with_key(rig, decrypt_grant("consumer"))
+    token, _ = issue(rig, CONSUMER, {}, max_uses=1)
+    assert rig.tokens.counts_uses(token) is True
+    rig.tokens.verify(token, CONSUMER)
+    assert rig.tokens.counts_uses(token) is True
+
+
+def test_the_longest_token_that_verifies_is_issued(rig: Rig) -> None:
+    with_key(rig, decrypt_grant("consumer"))
+    context = {f"{i:02d}" + "k" * 62: "v" * 256 for i in range(15)}
+    for length in range(780, 1025):
+        try:
+            token, _ = rig.tokens.issue(CONSUMER, "k", context, "j" * length, None)
+        except InvalidArgument:
+            raise AssertionError("no token of exactly the limit") from None
+        if len(token) == MAX_TOKEN_BYTES:
+            break
+    assert rig.tokens.verify(token, CONSUMER).justification == "j" * length
+    with pytest.raises(InvalidArgument, match="longer than"):
+        rig.tokens.issue(CONSUMER, "k", context, "j" * (length + 1), None)
