@@ -356,6 +356,7 @@ def _assemble(
         issuer=settings.issuer,
         holder=new_holder_id(settings.broker_id),
         interval=settings.keys_scheduler_interval,
+        lease=timedelta(seconds=settings.keys_lease_seconds),
     )
     app = App(settings, services, store, hsms, signing, tls, sinks, audit, metrics, scheduler)
     scheduler.start()

@@ -158,6 +158,9 @@ class Settings:
     #: Seconds between the key scheduler's passes (due destructions and rotations); 0: this
     #: process runs none.
     keys_scheduler_interval: float = 60.0
+    #: Seconds a scheduler's claim on a due destruction or rotation holds: another process
+    #: takes over the task of one that died only once its claim has expired.
+    keys_lease_seconds: float = 300.0
     #: Distinct admins, the requester counting as the first, who must approve a policy change,
     #: the enabling of a disabled key and a scheduled destruction; 1: applied at once.
     approvals_required: int = 1
@@ -374,6 +377,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("keys", "scheduler_interval", T.NUMBER,
            "seconds between passes of the key scheduler (due destructions and rotations); "
            "0: none in this process", field_name="keys_scheduler_interval"),
+    Option("keys", "lease_seconds", T.NUMBER,
+           "seconds a scheduler's claim on a due task holds; a broker that died is taken over "
+           "once it expires", field_name="keys_lease_seconds"),
     Option("approvals", "required", T.INTEGER,
            "distinct admins, the requester included, who must approve `UpdateKeyPolicy`, "
            "`EnableKey` of a disabled key and `ScheduleKeyDestruction` (docs/lifecycle.md); "
@@ -760,6 +766,7 @@ def _problems_of(settings: Settings, consistency: bool = True) -> list[str]:
         ("audit.checkpoint_events", s.audit_checkpoint_events, 1, None),
         ("keys.min_destruction_window", s.keys_min_destruction_window, 1, 3653 * 86400),
         ("keys.scheduler_interval", s.keys_scheduler_interval, 0, 86400),
+        ("keys.lease_seconds", s.keys_lease_seconds, 1, 86400),
         ("approvals.required", s.approvals_required, 1, 10),
         ("approvals.expiry", s.approvals_expiry, 1, 30 * 86400),
         ("tls.revocation_check_seconds", s.tls_revocation_check_seconds, 0, 3600),
