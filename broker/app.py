@@ -159,6 +159,19 @@ def _start_retrying(name: str, attempt: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")
 
 
+def _reload_tokens(hsms: dict[str, Hsm]) -> None:
+    """Has each PKCS#11 token read afresh before the start looks again for a missing object."""
+    modules: set[int] = set()
+    for hsm in hsms.values():
+        # One re-initialisation per loaded module re-reads every token of it.
+        if isinstance(hsm, Pkcs11Hsm) and id(hsm.library) not in modules:
+            modules.add(id(hsm.library))
+            try:
+                hsm.reload()
+            except Unavailable as exc:
+                log.warning("HSM %s not re-read: %s", hsm.info.name, exc)
+
+
 def _first_check(hsm: Hsm) -> None:
     """Logs in now, so that a wrong PIN or a missing token stops the start.
 
@@ -289,9 +302,10 @@ def _assemble(
     access = Access(roles, hsms)
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     signing = SigningKeys(store, hsms)
-    settled(lambda: signing.ensure(TOKEN_PURPOSE, settings.default_hsm))
-    audit_key = settled(lambda: signing.ensure(AUDIT_PURPOSE, settings.default_hsm))
-    check_templates(store, hsms, signing)
+    refresh = partial(_reload_tokens, hsms)
+    settled(lambda: signing.ensure(TOKEN_PURPOSE, settings.default_hsm), refresh)
+    audit_key = settled(lambda: signing.ensure(AUDIT_PURPOSE, settings.default_hsm), refresh)
+    check_templates(store, hsms, signing, refresh)
     # After the checks that may refuse the start, so no sink thread outlives a failed start.
     sinks = open_sinks(settings.audit_sinks)
     metrics.watch_pools({n: h.pool for n, h in hsms.items() if isinstance(h, Pkcs11Hsm)})

@@ -26,13 +26,14 @@ _T = TypeVar("_T")
 #: Pauses before looking again for an HSM object that seemed missing at start (seconds).
 #: SoftHSM2's file backend can miss an object for a moment while another process (a sibling
 #: worker writing its audit anchor, say) rewrites the token's files; a real HSM answers at once.
-SETTLE_DELAYS = (0.2, 0.5, 1.0)
+SETTLE_DELAYS = (0.5, 1.0, 2.0)
 
 
-def settled(look: Callable[[], _T]) -> _T:
+def settled(look: Callable[[], _T], refresh: Callable[[], None] | None = None) -> _T:
     """`look()`, asked again after short pauses while it raises `HsmObjectMissing`.
 
-    A missing object still stops the start, a second or two later: it is never re-created.
+    A missing object still stops the start, a few seconds later: it is never re-created.
+    `refresh` (when given) runs before each new look: SoftHSM2 may need to re-read its files.
     """
     for delay in (*SETTLE_DELAYS, None):
         try:
@@ -42,6 +43,8 @@ def settled(look: Callable[[], _T]) -> _T:
                 raise
             log.warning("HSM object not found at start (%s); looking again", exc)
             time.sleep(delay)
+            if refresh is not None:
+                refresh()
     raise AssertionError("unreachable")
 
 
@@ -49,7 +52,12 @@ class WeakKeyError(RuntimeError):
     """An HSM object does not carry the template the broker requires."""
 
 
-def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKeys) -> int:
+def check_templates(
+    store: KeyStore,
+    hsms: Mapping[str, Hsm],
+    signing: SigningKeys,
+    refresh: Callable[[], None] | None = None,
+) -> int:
     """Checks every key version and signing key; returns how many objects were checked.
 
     Raises:
@@ -72,18 +80,21 @@ def check_templates(store: KeyStore, hsms: Mapping[str, Hsm], signing: SigningKe
                 )
                 continue
             for version in key.versions:
-                _check(hsm, version.hsm_label, KeyKind.KEK, f"{key.key_id} v{version.version}")
+                what = f"{key.key_id} v{version.version}"
+                _check(hsm, version.hsm_label, KeyKind.KEK, what, refresh)
                 checked += 1
         after = page[-1].key_id
     for sk in signing.all():
-        _check(sk.hsm, sk.label, KeyKind.SIGNING, f"signing key {sk.kid}")
+        _check(sk.hsm, sk.label, KeyKind.SIGNING, f"signing key {sk.kid}", refresh)
         checked += 1
     return checked
 
 
-def _check(hsm: Hsm, label: str, kind: KeyKind, what: str) -> None:
+def _check(
+    hsm: Hsm, label: str, kind: KeyKind, what: str, refresh: Callable[[], None] | None
+) -> None:
     try:
-        properties = settled(lambda: hsm.key_properties(label, kind))
+        properties = settled(lambda: hsm.key_properties(label, kind), refresh)
     except HsmObjectMissing as exc:
         raise WeakKeyError(
             f"{what}: HSM object {label!r} is missing from HSM {hsm.info.name!r}"

@@ -13,6 +13,7 @@ import pytest
 
 from broker.config import DEV_IDENTITIES
 from broker.devpki import ensure_dev_pki
+from tests.integration.signals import DEFAULT_SIGINT
 from tests.integration.test_server_process import start, stop, wait_ready
 
 CLI = [sys.executable, "-c", "from keybroker_client.cli import main; main()"]
@@ -199,7 +200,7 @@ def test_usage_errors_and_ctrl_c_as_a_user_sees_them(tmp_path: Path) -> None:
     # The PEM files are checked before anything is read, so the CLI needs a development PKI.
     ensure_dev_pki(tmp_path / "var" / "pki", DEV_IDENTITIES)
     proc = subprocess.Popen(
-        [*CLI, "encrypt", "patients"],
+        [*DEFAULT_SIGINT, *CLI, "encrypt", "patients"],
         cwd=tmp_path,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

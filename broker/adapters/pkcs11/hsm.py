@@ -113,6 +113,7 @@ class Pkcs11Hsm:
     ) -> None:
         self.info = info
         self._observer = observer
+        self._library = library
         self.gate = Gate(library.pid)
         self.pool = SessionPool(
             library, self.gate, token_label, pin, info.name, pool_size, lease_timeout
@@ -466,6 +467,20 @@ class Pkcs11Hsm:
             return sorted(found)
 
         return self._run("labels", work)
+
+    @property
+    def library(self) -> Pkcs11Library:
+        """The loaded PKCS#11 module this token is reached through."""
+        return self._library
+
+    def reload(self) -> None:
+        """Re-initialises the PKCS#11 module, so the token is read afresh (SoftHSM2 can miss
+        an object it read while another process rewrote the token's files, until then).
+
+        Raises:
+            HsmUnavailable: the module could not be re-initialised now.
+        """
+        self._library.reinitialize()
 
     def check(self) -> None:
         """Cheap liveness probe (C_GetTokenInfo on a leased, logged-in session).

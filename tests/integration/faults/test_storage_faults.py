@@ -32,6 +32,7 @@ from tests.broker_fixtures import new_key_id, start_broker
 from tests.integration.audit_helpers import chain_of, fill, own_trail, query, sql, verify
 from tests.integration.faults.procs import BrokerProcess, running
 from tests.integration.flows import code_of, create_key, datakey, decrypt, issue, standard_policy
+from tests.integration.signals import DEFAULT_SIGINT
 
 STRACE = shutil.which("strace")
 
@@ -42,7 +43,7 @@ def syscalls_failing(pid: int, syscall: str, errno: str) -> Iterator[None]:
     (strace attached, then detached: the process goes on untouched)."""
     assert STRACE is not None
     tracer = subprocess.Popen(
-        [STRACE, "-f", "-p", str(pid), "-o", "/dev/null", "-e", f"trace={syscall}",
+        [*DEFAULT_SIGINT, STRACE, "-f", "-p", str(pid), "-o", "/dev/null", "-e", f"trace={syscall}",
          "-e", f"inject={syscall}:error={errno}"],
         stderr=subprocess.PIPE,
         text=True,
