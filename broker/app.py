@@ -97,16 +97,8 @@ def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, H
         library = libraries[module]
         if cfg.softhsm_init:
             assert cfg.pin_file is not None
-            _start_retrying(
-                cfg.name,
-                partial(
-                    devhsm.ensure_token,
-                    settings.home,
-                    cfg.token_label,
-                    cfg.pin_file,
-                    library=library,
-                ),
-            )
+            # Not retried: a listing that missed the token for a moment must not make a new one.
+            devhsm.ensure_token(settings.home, cfg.token_label, cfg.pin_file, library=library)
         info = HsmInfo(cfg.name, cfg.jurisdiction, cfg.operator)
         observer = metrics.hsm_operation if metrics is not None else None
         pin = cfg.read_pin()
@@ -116,6 +108,7 @@ def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, H
                 partial(
                     Pkcs11Hsm, library, cfg.token_label, pin, info, cfg.pool_size, observer=observer
                 ),
+                library,
             )
         except Unavailable as exc:
             for opened in hsms.values():
@@ -123,7 +116,7 @@ def open_hsms(settings: Settings, metrics: Metrics | None = None) -> dict[str, H
             raise RuntimeError(f"HSM {cfg.name!r} (token {cfg.token_label!r}): {exc}") from exc
         try:
             hsm = with_faults(hsm, cfg)  # tests only: docs/operations.md
-            _first_check(hsm)
+            _first_check(hsm, library)
         except ConfigError:
             for opened in (hsm, *hsms.values()):
                 opened.close()
@@ -142,7 +135,9 @@ _T = TypeVar("_T")
 START_RETRY_DELAYS = (0.5, 1.0, 2.0)
 
 
-def _start_retrying(name: str, attempt: Callable[[], _T]) -> _T:
+def _start_retrying(
+    name: str, attempt: Callable[[], _T], library: Pkcs11Library | None = None
+) -> _T:
     """`attempt()`, tried again after the START_RETRY_DELAYS while the HSM is unavailable
     (not when it refuses the PIN): SoftHSM2 answers CKR_GENERAL_ERROR to a token listing while
     a sibling worker rewrites the token's files."""
@@ -156,6 +151,12 @@ def _start_retrying(name: str, attempt: Callable[[], _T]) -> _T:
                 raise
             log.warning("HSM %s not reachable at start (%s); retrying", name, exc)
             time.sleep(delay)
+            if library is not None:
+                # SoftHSM2 keeps a broken view of a token read mid-rewrite until re-initialised.
+                try:
+                    library.reinitialize()
+                except Unavailable as again:
+                    log.warning("PKCS#11 module not re-initialised: %s", again)
     raise AssertionError("unreachable")
 
 
@@ -172,24 +173,15 @@ def _reload_tokens(hsms: dict[str, Hsm]) -> None:
                 log.warning("HSM %s not re-read: %s", hsm.info.name, exc)
 
 
-def _first_check(hsm: Hsm) -> None:
+def _first_check(hsm: Hsm, library: Pkcs11Library | None = None) -> None:
     """Logs in now, so that a wrong PIN or a missing token stops the start.
 
-    A transient failure (SoftHSM2 answers CKR_GENERAL_ERROR while another process rewrites
-    its token files; a network HSM may blink) is tried again a few times. A refused PIN is not:
-    a real HSM may lock the PIN after a few wrong attempts.
+    A transient failure (SoftHSM2 answers CKR_GENERAL_ERROR or CKR_USER_PIN_NOT_INITIALIZED
+    while another process rewrites its token files; a network HSM may blink) is tried again a
+    few times, `library` re-initialised in between. A refused PIN is not: a real HSM may lock
+    the PIN after a few wrong attempts.
     """
-    for delay in (*START_RETRY_DELAYS, None):
-        try:
-            hsm.check()
-            return
-        except HsmPinRefused:
-            raise
-        except Unavailable as exc:
-            if delay is None:
-                raise
-            log.warning("HSM %s not reachable at start (%s); retrying", hsm.info.name, exc)
-            time.sleep(delay)
+    _start_retrying(hsm.info.name, hsm.check, library)
 
 
 def load_tls(settings: Settings) -> TlsMaterial:

@@ -123,13 +123,17 @@ def run_workers(
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
-    """Worker `index`'s settings: its metrics on `metrics.listen`'s port plus `index`.
+    """Worker `index`'s settings: no token set-up, and its metrics on `metrics.listen`'s port
+    plus `index`.
 
     One port per worker rather than one merged endpoint: each worker's registry stays in its
     own process (custom collectors read live objects, which a shared multiprocess store
     cannot), a restarted worker comes back on the same port, and Prometheus scrapes each port
     as a target of its own. Port 0 (which the settings refuse with several workers) stays 0.
     """
+    # The set-up child made the development tokens; a worker only opens them (a worker that
+    # missed its token while a sibling rewrote the files must never make a new one).
+    settings = replace(settings, hsms=tuple(replace(h, softhsm_init=False) for h in settings.hsms))
     if not settings.metrics_listen:
         return settings
     host, _, port = settings.metrics_listen.rpartition(":")
