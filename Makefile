@@ -151,7 +151,8 @@ bench-deps: deps $(BENCH_STAMP)
 
 bench: bench-deps
 	$(PY) -m tests.bench.hotpath
-	@if [ -f tests/bench/files.py ]; then $(PY) -m tests.bench.files; fi
+	$(PY) -m tests.bench.slowdisk
+	$(PY) -m tests.bench.files
 
 # Steady mixed load at SOAK_RATE calls/s for SOAK_SECONDS, from a process of its own; errors,
 # latency, the broker's RSS and descriptors over time, and the audit count: docs/soak.md.

@@ -55,6 +55,8 @@ from keybroker_client.fileformat import (
     read_header,
 )
 
+from tests.bench.report import replace_section
+
 CTX = {"dataset": "bench"}
 GIB = 1 << 30
 
@@ -179,18 +181,6 @@ def cell(values: list[float], fmt: str = "{:.0f}") -> str:
 
 BEGIN = "<!-- files:begin (written by make bench: tests/bench/files.py) -->"
 END = "<!-- files:end -->"
-
-
-def replace_section(document: str | None, text: str) -> str:
-    """The document with this benchmark's section replaced, or appended."""
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
-    if not document:
-        return "# Benchmarks\n\n" + block
-    if BEGIN in document and END in document:
-        head, rest = document.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        return head + block + ("\n" + tail if tail else "")
-    return document.rstrip("\n") + "\n\n" + block
 
 
 def section(
@@ -359,7 +349,7 @@ def main() -> int:
     print(text)
     if not args.no_doc:
         doc = args.doc.read_text() if args.doc.exists() else None
-        args.doc.write_text(replace_section(doc, text))
+        args.doc.write_text(replace_section(doc, text, BEGIN, END))
         print(f"written to {args.doc}")
     return 0
 

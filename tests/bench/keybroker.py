@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +107,11 @@ class Broker:
         self.log.unlink(missing_ok=True)
 
 
-def start(workers: int, with_flag: bool) -> Broker:
+def start(workers: int, with_flag: bool, env: Mapping[str, str] | None = None) -> Broker:
     """Starts a broker with `workers` processes (the flag only if the server has it).
+
+    `env` adds to the environment the broker inherits (a `KEYBROKER_*` override, a preloaded
+    library).
 
     Raises:
         RuntimeError: it did not start or could not be set up; the message ends with the tail
@@ -116,10 +120,10 @@ def start(workers: int, with_flag: bool) -> Broker:
     home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     port = procs.free_port()
     cmd = command(home, port, workers, with_flag)
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    environ = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"} | dict(env or {})
     log = home.parent / f"{home.name}.log"
     with log.open("wb") as err:
-        proc = procs.start_group(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = procs.start_group(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=err)
     broker = Broker(workers, proc, home, f"127.0.0.1:{port}", cmd, log)
     addr = home / "listen.addr"
 

@@ -7,6 +7,7 @@ window shows up in its parent's cutime/cstime).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -133,6 +134,19 @@ def machine() -> dict[str, str]:
         "load average at the start": load_average(),
         "executable": sys.executable,
     }
+
+
+def filesystem(path: Path) -> str:
+    """The type and device of the file system holding `path` (from /proc/mounts)."""
+    best, found = "", "n/a"
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            device, point, kind = line.split()[:3]
+            inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, found = point, f"{kind} ({device})"
+    return found
 
 
 def load_average() -> str:

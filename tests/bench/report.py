@@ -219,14 +219,18 @@ def _vs_ceiling(results: Results, kb: Key, workers: int, top: int) -> list[float
     return out
 
 
-def replace_section(document: str | None, section: str) -> str:
-    """The document with our section replaced, or appended; only our section when none."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+def replace_section(document: str | None, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """The document with the section between `begin` and `end` replaced, or appended.
+
+    With no document, a new one holding only that section. Every benchmark writes its own
+    section of docs/benchmarks.md between its own markers and leaves the others as they are.
+    """
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
     if not document:
         return "# Benchmarks\n\n" + block
-    if BEGIN in document and END in document:
-        head, rest = document.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if begin in document and end in document:
+        head, rest = document.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         return head + block + ("\n" + tail if tail else "")
     return document.rstrip("\n") + "\n\n" + block
 
