@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.adapters.pkcs11 import Pkcs11Library
+from broker.adapters.pkcs11 import Pkcs11Hsm, Pkcs11Library
 from broker.config import ConfigError, read_pin_file
 from broker.devhsm import SoftHsmToken, ensure_token, find_softhsm_module, write_softhsm_conf
-from tests.integration.hsm.common import Softhsm
+from tests.hsm_fixtures import unique_label
+from tests.integration.hsm.common import AAD, IV, Softhsm
 
 
 def test_ensure_token_is_idempotent(softhsm: Softhsm) -> None:
@@ -101,3 +102,23 @@ def test_library_refuses_a_forked_child(softhsm: Softhsm) -> None:
         os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_adapter_refuses_a_forked_child_even_with_its_key_handle_cached(hsm: Pkcs11Hsm) -> None:
+    """The fork check runs on every call, also when nothing new is looked up on the token."""
+    label = unique_label("fork")
+    hsm.generate_kek(label)
+    ciphertext = hsm.encrypt(label, IV, b"k" * 32, AAD)
+    assert hsm.decrypt(label, IV, ciphertext, AAD) == b"k" * 32  # the handle is now cached
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            hsm.decrypt(label, IV, ciphertext, AAD)
+        except RuntimeError as exc:
+            os._exit(0 if "fork" in str(exc) else 3)
+        except BaseException:
+            os._exit(2)
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert hsm.decrypt(label, IV, ciphertext, AAD) == b"k" * 32  # the parent goes on
