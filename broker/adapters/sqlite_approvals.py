@@ -1,5 +1,5 @@
-"""Approval requests on SQLite (the `ApprovalStore` port): a mixin of `SqliteStore`, on the
-store's write connection and lock.
+"""Approval requests on SQLite (the `ApprovalStore` port): a mixin of `SqliteStore`, writing on
+the store's write connection and lock, reading on the calling thread's read connection.
 
 Applying an approved change writes the request and the key in one `BEGIN IMMEDIATE`
 transaction, each with its compare-and-set: SQLite's write lock makes the pair atomic against
@@ -28,6 +28,7 @@ from broker.adapters.approval_sql import (
 )
 from broker.adapters.codec import key_to_json
 from broker.adapters.sql_common import STORE_UNAVAILABLE
+from broker.adapters.sqlite_audit import begin_immediate
 from broker.domain import ApprovalRequest, ApprovalState, Key
 from broker.errors import AlreadyExists, ConcurrentModification, NotFound, StoreUnavailable
 
@@ -39,6 +40,10 @@ class SqliteApprovals:
 
     _db: sqlite3.Connection
     _lock: threading.RLock
+    _busy_timeout_ms: int
+
+    def _read(self) -> sqlite3.Connection:
+        raise NotImplementedError  # the store's: this thread's read connection
 
     @contextmanager
     def _approval_tx(self) -> Iterator[sqlite3.Cursor]:
@@ -46,7 +51,7 @@ class SqliteApprovals:
         with self._lock:
             try:
                 cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
+                begin_immediate(cur, self._busy_timeout_ms)
             except sqlite3.Error as exc:
                 raise _unavailable(exc) from exc
             try:
@@ -63,11 +68,12 @@ class SqliteApprovals:
                 raise _unavailable(exc) from exc
 
     def _approval_rows(self, sql: str, params: Sequence[object]) -> list[tuple[str, int]]:
-        with self._lock:
-            try:
-                return [(str(r[0]), int(r[1])) for r in self._db.execute(sql, tuple(params))]
-            except sqlite3.Error as exc:
-                raise _unavailable(exc) from exc
+        # On this thread's read connection: the write connection answers a busy database at
+        # once (`writing`), and a read is not retried.
+        try:
+            return [(str(r[0]), int(r[1])) for r in self._read().execute(sql, tuple(params))]
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
 
     def create_approval(self, request: ApprovalRequest) -> None:
         try:

@@ -6,9 +6,10 @@ Portable SQL only (the PostgreSQL adapter uses the same schema). Durability: WAL
 
 Reads never wait behind a write: each thread reads on a connection of its own (WAL lets
 readers run beside the one writer, whose commit may be waiting on an fsync), while writes share
-one connection under a lock. Parsed keys are kept by revision: a read fetches the stored
-revision with the row and parses the JSON again only when it changed, so a policy change or a
-disabled key is seen by the very next call, in every process.
+one connection under a lock, each in a `BEGIN IMMEDIATE` transaction (`begin_immediate`).
+Parsed keys are kept by revision: a read fetches the stored revision with the row and parses
+the JSON again only when it changed, so a policy change or a disabled key is seen by the very
+next call, in every process.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from broker.adapters.sql_common import REVOKED_AND_KEY
 from broker.adapters.sqlite_approvals import SqliteApprovals
 from broker.adapters.sqlite_audit import (
     SqliteAudit,
+    begin_immediate,
     connect,
     set_aside_legacy_audit_table,
     sqlite_error,
+    writing,
 )
 from broker.adapters.sqlite_file import check_file
 from broker.domain import Key
@@ -62,6 +65,7 @@ class SqliteStore(SqliteAudit, SqliteApprovals):
         try:
             self._db = connect(path, busy_timeout_ms)
             migrate(self._db, SQLITE, before=set_aside_legacy_audit_table)  # migrations/sqlite
+            writing(self._db)  # from now on it only writes; migrations wait as SQLite does
         except sqlite3.DatabaseError as exc:
             raise StoreUnavailable(
                 f"the database {path} cannot be used ({sqlite_error(exc)}: {exc}); it was "
@@ -127,10 +131,11 @@ class SqliteStore(SqliteAudit, SqliteApprovals):
         return key
 
     @contextmanager
-    def _tx(self, immediate: bool = False) -> Iterator[sqlite3.Cursor]:
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        """A write transaction on the writing connection (see `begin_immediate`)."""
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            begin_immediate(cur, self._busy_timeout_ms)
             try:
                 yield cur
             except BaseException:
@@ -245,7 +250,7 @@ class SqliteStore(SqliteAudit, SqliteApprovals):
         return bool(row[0]), key
 
     def consume_use(self, token_id: str, max_uses: int) -> bool:
-        with self._store_errors(), self._tx(immediate=True) as cur:
+        with self._store_errors(), self._tx() as cur:
             cur.execute(
                 "INSERT INTO token_uses (token_id, uses) VALUES (?, 1) "
                 "ON CONFLICT (token_id) DO UPDATE SET uses = token_uses.uses + 1 "
