@@ -40,7 +40,7 @@ from pathlib import Path
 
 from tests.bench import gen, keybroker, procs
 from tests.bench.gen import ROOT, Generator
-from tests.bench.report import replace_section
+from tests.bench.report import replace_section, spread
 
 BEGIN = "<!-- slow-disk:begin (written by make bench: tests/bench/slowdisk.py) -->"
 END = "<!-- slow-disk:end -->"
@@ -97,10 +97,7 @@ def start(args: argparse.Namespace) -> list[System]:
 
 
 def _cell(values: list[float], fmt: str = "{:.3g}") -> str:
-    if not values:
-        return "n/a"
-    mid, lo, hi = statistics.median(values), min(values), max(values)
-    return f"{fmt.format(mid)} [{fmt.format(lo)}-{fmt.format(hi)}]"
+    return spread(values, fmt.format)
 
 
 Cells = dict[tuple[str, str, int], dict[str, list[float]]]

@@ -83,7 +83,9 @@ def test_the_section_says_whether_the_goal_is_met() -> None:
         "date": "d", "minutes": "1", "generator": "cpp x1", "disk": "ext4 (/dev/x)",
         "fdatasync_ms": "0.2", "load": "0",
     }  # fmt: skip
-    met = slowdisk.section(_args(), _cells([1000], [850]), _systems(), {"Decrypt": 0.85}, meta)
+    met = slowdisk.section(
+        _args(), _cells([1000] * 3, [850] * 3), _systems(), {"Decrypt": 0.85}, meta
+    )
     missed = slowdisk.section(_args(), _cells([1000], [700]), _systems(), {"Decrypt": 0.7}, meta)
     assert "| Decrypt | 0.85x | yes |" in met
     assert "| Decrypt | 0.70x | no |" in missed
